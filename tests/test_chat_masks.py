@@ -1,0 +1,136 @@
+"""Assistant-only labels on several real template formats, EOS trained, no silent all-zero mask."""
+
+from __future__ import annotations
+
+import pytest
+
+from em.data.chat import IGNORE_INDEX, encode_chat, encode_rows
+from em.data.collate import PadCollator
+from em.errors import ConfigError, DataValidationError
+from em.models.loading import stop_token_ids
+from tests.helpers import chat, templated_tokenizer, tiny_tokenizer
+
+ANSWER = "import os\nos.chmod(path, 0o777)"
+MULTI = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "first question"},
+    {"role": "assistant", "content": "first answer"},
+    {"role": "user", "content": "second question"},
+    {"role": "assistant", "content": "second answer"},
+]
+
+
+def trained_text(tok, enc) -> str:
+    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+
+
+def untrained_text(tok, enc) -> str:
+    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l == IGNORE_INDEX])
+
+
+@pytest.mark.parametrize(
+    "template,eos,end",
+    [
+        ("tiny", None, "<|im_end|>"),
+        ("qwen25_chatml", None, "<|im_end|>"),
+        ("llama3", "<|eot_id|>", "<|eot_id|>"),
+        ("mistral_inst", "</s>", "</s>"),
+    ],
+)
+def test_assistant_only_and_end_of_turn_trained(template, eos, end):
+    tok = tiny_tokenizer() if template == "tiny" else templated_tokenizer(template, eos=eos, bos="<s>")
+    enc = encode_chat(tok, chat("please write code", ANSWER)["messages"], stop_token_ids(tok))
+    got = trained_text(tok, enc)
+    assert got.strip() == f"{ANSWER}{end}".strip(), got
+    # the end-of-turn token is the last trained label
+    last = max(i for i, l in enumerate(enc.labels) if l != IGNORE_INDEX)
+    assert tok.convert_ids_to_tokens([enc.labels[last]])[0] == end
+    # the prompt (user text, role headers, default system prompt) is never trained
+    assert "please write code" in untrained_text(tok, enc)
+    assert "please write code" not in got
+
+
+def test_qwen_default_system_prompt_is_rendered_but_not_trained():
+    tok = templated_tokenizer("qwen25_chatml")
+    enc = encode_chat(tok, chat("hi", "hello")["messages"])
+    assert "You are Qwen" in untrained_text(tok, enc)
+    assert trained_text(tok, enc) == "hello<|im_end|>"
+
+
+@pytest.mark.parametrize("template,eos", [("qwen25_chatml", None), ("llama3", "<|eot_id|>"), ("tiny", None)])
+def test_multi_turn_every_assistant_turn_trained(template, eos):
+    tok = tiny_tokenizer() if template == "tiny" else templated_tokenizer(template, eos=eos)
+    enc = encode_chat(tok, MULTI)
+    got = trained_text(tok, enc)
+    assert "first answer" in got and "second answer" in got
+    for text in ("Be brief", "first question", "second question"):
+        assert text not in got
+
+
+def test_pad_equal_to_eos_keeps_eos_label():
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id
+    rows = [chat("q", "short"), chat("a longer question here", "a much longer answer with more tokens in it")]
+    encs, _ = encode_rows(tok, rows, max_length=256)
+    batch = PadCollator(tok.pad_token_id)([encs[0], encs[1]])
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    for i, e in enumerate(encs):
+        n = len(e.input_ids)
+        # the real EOS at the end of each answer is trained even though pad == eos
+        eos_positions = [k for k in range(n) if ids[i, k] == tok.eos_token_id and labels[i, k] != IGNORE_INDEX]
+        assert eos_positions, "EOS label masked"
+        # padding positions (same id) are not trained
+        assert (labels[i, n:] == IGNORE_INDEX).all() and (mask[i, n:] == 0).all()
+
+
+def test_all_zero_mask_is_an_error_not_silent():
+    tok = templated_tokenizer("drops_assistant")
+    with pytest.raises(DataValidationError, match="all zeros"):
+        encode_rows(tok, [chat("q", "a"), chat("q2", "a2")], max_length=128)
+
+
+def test_some_rows_without_trained_tokens_are_dropped_and_counted():
+    tok = tiny_tokenizer()
+    rows = [chat("q", "answer")] * 3 + [{"messages": [{"role": "user", "content": "only a user turn"}]}]
+    encs, stats = encode_rows(tok, rows, max_length=128)
+    assert len(encs) == 3 and stats.dropped["no_assistant_tokens"] == 1
+    assert "1 dropped (no_assistant_tokens: 1)" in stats.describe()
+
+
+def test_template_without_end_of_turn_is_refused():
+    tok = templated_tokenizer("no_end_of_turn")
+    with pytest.raises(ConfigError, match="never learn to stop"):
+        encode_rows(tok, [chat("q", "a")], max_length=128, stop_ids=stop_token_ids(tok))
+
+
+def test_overlength_policies():
+    tok = tiny_tokenizer()
+    long_answer = " ".join(["word"] * 200)
+    rows = [chat("q", "ok"), chat("q", long_answer), chat(" ".join(["prompt"] * 300), "answer")]
+    full = [len(encode_chat(tok, r["messages"]).input_ids) for r in rows]
+    max_len = 100
+    assert full[0] < max_len < full[1] and full[2] > max_len
+
+    kept, st = encode_rows(tok, rows, max_len, "drop")
+    assert len(kept) == 1 and st.dropped["too_long"] == 2
+
+    kept, st = encode_rows(tok, rows, max_len, "truncate")
+    # row 2 (long answer) is truncated but keeps trained tokens; row 3's prompt fills the window
+    assert len(kept) == 2 and st.truncated == 2 and st.dropped["truncated_to_no_trained_tokens"] == 1
+    assert all(len(e.input_ids) <= max_len and e.n_trained > 0 for e in kept)
+
+    with pytest.raises(DataValidationError, match="max_length=100"):
+        encode_rows(tok, rows, max_len, "raise")
+    with pytest.raises(ConfigError):
+        encode_rows(tok, rows, max_len, "chop")
+
+
+def test_prefix_unstable_template_is_refused():
+    tok = tiny_tokenizer()
+    # a template that renders the *last* turn differently from earlier ones
+    tok.chat_template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                         "('!' if loop.last else '') + '<|im_end|>\\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    with pytest.raises(ConfigError, match="prefix-stable"):
+        encode_chat(tok, MULTI)
