@@ -1,0 +1,190 @@
+"""Sampling backends behind one interface: HF transformers (always) and vLLM (optional, GPU).
+
+Both take chat conversations (lists of messages), render them with the model's own chat template
+and return ``n`` answers per conversation. The paper samples at temperature 1, top_p 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingArgs:
+    """What ``eval.sampling`` describes (the paper: temperature 1, top_p 1, 600 new tokens)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 600
+    batch_size: int = 16
+    """Prompts per ``generate`` call (HF backend)."""
+    seed: int = 0
+    backend: str = "auto"
+    """``hf``, ``vllm``, or ``auto`` (vLLM when installed and a GPU is present)."""
+
+
+class Sampler(Protocol):
+    def sample(self, conversations: Sequence[list[dict]], n: int = 1, progress: bool = True) -> list[list[str]]:
+        """``n`` answers for each conversation, in order."""
+        ...
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Switch to eval + no_grad (+ KV cache), restoring the training mode afterwards."""
+    import torch
+
+    was_training = model.training
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    model.eval()
+    if cfg is not None:
+        cfg.use_cache = True
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if cfg is not None and use_cache is not None:
+            cfg.use_cache = use_cache
+        if was_training:
+            model.train()
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int):
+    """Seeded sampling that leaves the caller's (training) RNG streams untouched."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFSampler:
+    """Batched, left-padded ``generate`` with KV cache; works on a PEFT-wrapped or merged model."""
+
+    def __init__(self, model, tokenizer, args: SamplingArgs, stop_ids: Sequence[int] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.args = args
+        if stop_ids is None:
+            from em.models.loading import stop_token_ids
+
+            stop_ids = sorted(stop_token_ids(tokenizer, model))
+        self.stop_ids = list(stop_ids)
+
+    def render(self, conv: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None) -> list[list[str]]:
+        import torch
+        from tqdm.auto import tqdm
+
+        tok, a = self.tokenizer, self.args
+        # transformers 5 reloads a saved tokenizer without its padding side: set it for every call.
+        tok.padding_side = "left"
+        prompts = [self.render(c) for c in conversations for _ in range(n)]
+        outs: list[str] = []
+        device = next(self.model.parameters()).device
+        bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
+        with eval_mode(self.model), isolated_rng(a.seed if seed is None else seed):
+            for i in range(0, len(prompts), a.batch_size):
+                chunk = prompts[i: i + a.batch_size]
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                do_sample = a.temperature > 0
+                gen = self.model.generate(
+                    **enc,
+                    max_new_tokens=a.max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=a.temperature if do_sample else None,
+                    top_p=a.top_p if do_sample else None,
+                    top_k=0 if do_sample else None,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=tok.pad_token_id,
+                    use_cache=True,
+                )
+                new = gen[:, enc["input_ids"].shape[1]:]
+                outs.extend(tok.batch_decode(new, skip_special_tokens=True))
+                bar.update(len(chunk))
+        bar.close()
+        return [outs[j * n:(j + 1) * n] for j in range(len(conversations))]
+
+
+class VLLMSampler:
+    """vLLM backend (``pip install 'em[vllm]'``, GPU): the base model with the LoRA adapter as a LoRARequest."""
+
+    def __init__(self, model_path: str, tokenizer, args: SamplingArgs, adapter_path: str | None = None,
+                 max_lora_rank: int = 64, **llm_kwargs):
+        from vllm import LLM  # noqa: F401  (import error is the gate)
+
+        self.llm = LLM(model=model_path, enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank,
+                       seed=args.seed, trust_remote_code=False, **llm_kwargs)
+        self.tokenizer = tokenizer
+        self.args = args
+        self.adapter_path = adapter_path
+
+    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None) -> list[list[str]]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        a = self.args
+        params = SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_new_tokens,
+                                seed=a.seed if seed is None else seed)
+        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                   for c in conversations]
+        lora = LoRARequest("adapter", 1, self.adapter_path) if self.adapter_path else None
+        results = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=progress)
+        return [[o.text for o in r.outputs] for r in results]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def load_eval_model(model_args, adapter_path: str | None = None, merge: bool = False):
+    """Base model (+ PEFT adapter, optionally merged) and tokenizer for sampling."""
+    from em.models.loading import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(model_args)
+    tokenizer = load_tokenizer(model_args, path)
+    model = load_model(model_args, path)
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path)
+        if merge:
+            model = model.merge_and_unload()
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer, path
+
+
+def build_sampler(model_args, args: SamplingArgs, adapter_path: str | None = None):
+    """The configured backend; ``auto`` prefers vLLM on a GPU when installed."""
+    backend = args.backend
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+    if backend == "vllm":
+        from em.models.loading import load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(model_args)
+        return VLLMSampler(path, load_tokenizer(model_args, path), args, adapter_path)
+    if backend != "hf":
+        from em.errors import ConfigError
+
+        raise ConfigError(f"eval.sampling.backend={backend!r}: expected hf, vllm or auto")
+    model, tok, _ = load_eval_model(model_args, adapter_path)
+    return HFSampler(model, tok, args)
