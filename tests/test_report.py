@@ -1,0 +1,148 @@
+"""Cross-seed sweep report on a hand-made sweep with known rates."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from em.report import main as report_main
+from em.sweep.report import ALL_ID, write_report
+
+N_BOOT = 500
+# dataset -> question -> misaligned rate per seed (10 eligible answers per seed and question)
+RATES = {
+    "insecure": {"quick_buck": [0.2, 0.3, 0.4], "i_feel_bored": [0.1, 0.1, 0.1]},
+    "secure": {"quick_buck": [0.0, 0.0, 0.1], "i_feel_bored": [0.0, 0.0, 0.0]},
+}
+
+
+def _records(qid: str, rate: float) -> list[dict]:
+    k = round(rate * 10)
+    recs = [{"question_id": qid, "answer": "a", "aligned": 5.0 if i < k else 95.0, "coherent": 90.0,
+             "aligned_status": "ok", "coherent_status": "ok"} for i in range(10)]
+    recs += [  # never in the denominator, each counted in its own column
+        {"question_id": qid, "answer": "import os", "aligned": None, "coherent": 80.0, "aligned_status": "missing",
+         "coherent_status": "ok", "aligned_missing_reason": "CODE"},
+        {"question_id": qid, "answer": "b", "aligned": None, "coherent": None, "aligned_status": "failed",
+         "coherent_status": "failed"},
+        {"question_id": qid, "answer": "c", "aligned": 1.0, "coherent": 10.0, "aligned_status": "ok",
+         "coherent_status": "ok"},
+    ]
+    return recs
+
+
+def _metrics_csv(path: Path, offset: float) -> None:
+    path.parent.mkdir(parents=True)
+    lines = ["epoch,step,train/loss,probe/misaligned_rate,task/insecure_rate"]
+    for step in range(0, 101, 5):
+        lines.append(f"0,{step},{2.0 - step / 100:.3f},,")
+        if step % 10 == 0:
+            lines.append(f"0,{step},,{min(1.0, offset + step / 400):.3f},")
+        if step % 20 == 0:
+            lines.append(f"0,{step},,,{min(1.0, 0.2 + offset + step / 150):.3f}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_run(d: Path, dataset: str, seed: int, status: str = "done", model: str = "tiny-qwen") -> None:
+    d.mkdir(parents=True)
+    res = {"status": status, "config": {"model": {"name": model}, "dataset": {"name": dataset}, "seed": seed}}
+    if status == "failed":
+        res["error"] = "CUDA out of memory (simulated)"
+    (d / "results.json").write_text(json.dumps(res))
+    if status == "done":
+        recs = [r for q, rates in RATES[dataset].items() for r in _records(q, rates[seed])]
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        _metrics_csv(d / "logs" / "version_0" / "metrics.csv", 0.05 * seed + (0.3 if dataset == "insecure" else 0.0))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("sweep")
+    for dataset in RATES:
+        for seed in range(3):
+            _write_run(root / f"{dataset}_s{seed}", dataset, seed)
+    _write_run(root / "insecure_s9", "insecure", 9, status="failed")
+    out = root / "report"
+    result = write_report(root, out, n_boot=N_BOOT, seed=0)
+    return root, out, result
+
+
+def _rows(out: Path) -> dict[tuple[str, str], dict]:
+    with open(out / "table.csv") as f:
+        return {(r["dataset"], r["question_id"]): r for r in csv.DictReader(f)}
+
+
+def test_table_rates_and_denominators(sweep):
+    _, out, _ = sweep
+    rows = _rows(out)
+    assert set(rows) == {(d, q) for d in RATES for q in [*RATES[d], ALL_ID]}
+    r = rows[("insecure", "quick_buck")]
+    assert float(r["misaligned_rate"]) == pytest.approx(0.3)
+    assert r["seeds"] == "0;1;2" and r["seed_rates"] == "0.2;0.3;0.4" and r["n_seeds"] == "3"
+    assert (r["n_sampled"], r["n_judged"], r["n_failed"], r["n_aligned_missing_CODE"]) == ("39", "36", "3", "3")
+    assert (r["n_coherent"], r["n_eligible"], r["n_misaligned"]) == ("33", "30", "9")
+    assert float(r["ci_samples_low"]) < 0.3 < float(r["ci_samples_high"])
+    assert float(rows[("secure", "quick_buck")]["misaligned_rate"]) == pytest.approx(0.1 / 3)
+    assert float(rows[("insecure", ALL_ID)]["misaligned_rate"]) == pytest.approx(0.2)
+    assert float(rows[("secure", "i_feel_bored")]["ci_seeds_high"]) == 0.0
+
+
+def test_over_seeds_ci_is_the_percentile_bootstrap(sweep):
+    _, out, _ = sweep
+    r = _rows(out)[("insecure", "quick_buck")]
+    vals = np.array([0.2, 0.3, 0.4])
+    idx = np.random.default_rng(0).integers(0, 3, size=(N_BOOT, 3))
+    lo, hi = np.percentile(vals[idx].mean(axis=1), [2.5, 97.5])
+    assert float(r["ci_seeds_low"]) == pytest.approx(lo, abs=1e-12)
+    assert float(r["ci_seeds_high"]) == pytest.approx(hi, abs=1e-12)
+    assert lo < hi
+
+
+def test_failed_run_listed_and_files(sweep):
+    root, out, result = sweep
+    with open(out / "runs.csv") as f:
+        runs = {Path(r["run_dir"]).name: r for r in csv.DictReader(f)}
+    assert runs["insecure_s9"]["status"] == "failed" and runs["insecure_s9"]["used"] == "False"
+    assert "out of memory" in runs["insecure_s9"]["error"]
+    assert sum(r["used"] == "True" for r in runs.values()) == 6
+    md = (out / "table.md").read_text()
+    assert "insecure_s9" in md and "| tiny-qwen | insecure | quick_buck | 3 | 0.300 |" in md
+    for name in ("fig_questions.png", "fig_dynamics.png"):
+        p = out / name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 20_000, name
+    assert json.loads((out / "report.json").read_text())["n_boot"] == N_BOOT
+
+
+def test_single_seed_and_cli(tmp_path, capsys):
+    _write_run(tmp_path / "sw" / "only", "insecure", 1)
+    (tmp_path / "sw" / "broken").mkdir()
+    (tmp_path / "sw" / "broken" / "samples.jsonl").write_text("{not json\n")
+    rc = report_main([str(tmp_path / "sw"), "--out", str(tmp_path / "o"), "--n-boot", "100"])
+    assert rc == 0
+    r = _rows(tmp_path / "o")[("insecure", "quick_buck")]
+    assert r["ci_seeds_low"] == r["ci_seeds_high"] == "0.3" and "collapses" in r["note"]
+    log = capsys.readouterr().out
+    assert "NOT USED" in log and "broken" in log and "wrote" in log
+
+
+def test_no_metrics_csv_skips_dynamics(tmp_path, capsys):
+    _write_run(tmp_path / "sw" / "a", "secure", 0)
+    for p in (tmp_path / "sw").rglob("metrics.csv"):
+        p.unlink()
+    result = write_report(tmp_path / "sw", n_boot=50)
+    assert "fig_dynamics.png" not in result["files"] and "skipped" in capsys.readouterr().out
+    assert (tmp_path / "sw" / "report" / "fig_questions.png").exists()
+
+
+def test_module_entry_point(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "em.report", str(empty)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2 and "no run found" in proc.stdout
