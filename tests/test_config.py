@@ -30,7 +30,7 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
-    override = f"+{group}={option}" if group in ("experiment", "debug") else f"{group}={option}"
+    override = f"{group}={option}"
     cfg = compose_train([override], run_dir=str(tmp_path))
     OmegaConf.resolve(cfg)  # every interpolation resolves
     to_dataclass(ModelArgs, cfg.model, "model")
