@@ -100,6 +100,19 @@ def build_judge(jcfg: dict) -> Any:
 
     j = dict(jcfg)
     kind = j.pop("kind", None)
+    # a config may carry keys of another kind (e.g. model=tiny switching the probe judge from openai to
+    # tiny by merging); keep only the keys this kind takes
+    allowed = {
+        "openai": {"model", "base_url", "api_key_env", "top_logprobs", "max_concurrency", "timeout_s",
+                   "max_retries", "backoff_base", "backoff_max", "seed", "cache_namespace",
+                   "price_prompt_per_1m", "price_completion_per_1m"},
+        "hf": {"model_name_or_path", "model_id", "batch_size", "top_k", "device", "dtype"},
+        "tiny": {"model", "model_id", "batch_size", "top_k", "device", "dtype"},
+    }.get(kind, set()) | {"scoring", "cache"}
+    dropped = sorted(set(j) - allowed)
+    if dropped:
+        log.debug("judge kind %s ignores keys %s", kind, dropped)
+    j = {k: v for k, v in j.items() if k in allowed}
     scoring = ScoringConfig(**j.pop("scoring", {}) or {})
     cache = j.pop("cache", True)
     if kind == "openai":

@@ -1,0 +1,360 @@
+"""Mid-training probes: misalignment (judged free-form answers + a judge-free multiple-choice probe)
+and task accuracy, sampled during training and logged against the step at which they were sampled.
+
+The training loop never waits for the judge: answers are sampled at the probe step (all ranks take
+part, prompts sharded), then handed to a background worker that judges them while training goes on.
+Each judged result is logged, as soon as it arrives, at its *sampling* step (W&B: ``probe/step`` is the
+step axis of the ``probe/*`` metrics). At the end of training the callback waits (bounded) for what is
+still pending. Judge failures are counted and logged (``probe/judge_failed``), never dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from em.probes.dist import gather_shards, rank_world, shard
+from em.probes.schedule import eval_steps
+from em.utils.io import atomic_write_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _plain(x):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+class MisalignmentProbe(L.Callback):
+    """Probe misalignment vs task accuracy during training (the paper's Figure 11)."""
+
+    def __init__(
+        self,
+        questions: list[str] | None = None,
+        samples_per_paraphrase: int = 1,
+        ids: list[str] | None = None,
+        sampling: dict | None = None,
+        judge: dict | None = None,
+        every_n_steps: int | None = None,
+        log_points: int | None = 6,
+        at_start: bool = True,
+        at_end: bool = True,
+        mcq: dict | None = None,
+        task: dict | None = None,
+        judge_timeout_s: float = 600.0,
+        rule: dict | None = None,
+        plot: bool = True,
+        seed: int = 0,
+        dirname: str = "probes",
+    ):
+        self.questions_spec = list(_plain(questions) or ["mini:probes"])
+        self.samples_per_paraphrase = samples_per_paraphrase
+        self.ids = _plain(ids)
+        self.sampling_cfg = dict(_plain(sampling) or {})
+        self.judge_cfg = _plain(judge)
+        self.every_n_steps = every_n_steps
+        self.log_points = log_points
+        self.at_start, self.at_end = at_start, at_end
+        self.mcq_cfg = dict(_plain(mcq) or {"enabled": True})
+        self.task_cfg = dict(_plain(task) or {"enabled": True})
+        self.judge_timeout_s = judge_timeout_s
+        self.rule_cfg = dict(_plain(rule) or {})
+        self.plot = plot
+        self.seed = seed
+        self.dirname = dirname
+        self.steps: list[int] = []
+        self.done: set[int] = set()
+        self.history: list[dict[str, Any]] = []  # one dict per (step, source) of logged values
+        self.pending: dict[cf.Future, int] = {}
+        self.executor: cf.ThreadPoolExecutor | None = None
+        self.judge = None
+        self.out_dir: Path | None = None
+        self.judge_failed = 0
+        self.eval_wall_s = 0.0
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage):
+        from em.eval.run import load_eval_questions
+
+        ecfg = {"questions": self.questions_spec, "ids": self.ids,
+                "samples_per_paraphrase": self.samples_per_paraphrase}
+        self.questions = load_eval_questions(ecfg)
+        self.qmap = {q.id: q for q in self.questions}
+        self.requests = [r for q in self.questions for r in q.expand()]
+        self.out_dir = Path(trainer.default_root_dir) / self.dirname
+        if trainer.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.judge_cfg:
+                from em.eval.pipeline import build_judge
+
+                self.judge = build_judge(self.judge_cfg)
+                self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge")
+        dm = trainer.datamodule
+        self.tokenizer = dm.tokenizer
+        self.task_name = self.task_cfg.get("task") or getattr(dm.dataset_args, "task", "none")
+        self.trigger = getattr(dm.dataset_args, "trigger", None)
+        self.task_prompts: list[list[dict]] = []
+        if self.task_cfg.get("enabled", True) and self.task_name != "none":
+            from em.probes.task_accuracy import task_prompts
+
+            self.task_prompts = task_prompts(self.task_name, dm.held_out_rows or None, seed=self.seed,
+                                             n=self.task_cfg.get("n_prompts", 16))
+        self.mcq_items = []
+        if self.mcq_cfg.get("enabled", True):
+            from em.probes.mcq import load_mcq_items, load_paper_mcq_config
+
+            src = self.mcq_cfg.get("path")
+            self.mcq_items = (load_paper_mcq_config(src)[0] if src and str(src).endswith(".json")
+                              else load_mcq_items(src))
+
+    def on_train_start(self, trainer, pl_module):
+        total = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
+                    else trainer.estimated_stepping_batches)
+        self.steps = eval_steps(total, self.every_n_steps, self.log_points, self.at_start, self.at_end)
+        log.info("probes at steps %s", self.steps)
+        if trainer.is_global_zero:
+            self._define_wandb_axes(trainer)
+        if 0 in self.steps and trainer.global_step == 0:
+            self._probe(trainer, pl_module, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in self.steps and step not in self.done and self._at_step_boundary(trainer):
+            self._probe(trainer, pl_module, step)
+        self._collect(trainer, block=False)
+
+    def on_train_end(self, trainer, pl_module):
+        step = trainer.global_step
+        if self.at_end and step not in self.done:
+            self._probe(trainer, pl_module, step)
+        self._collect(trainer, block=True)
+        if self.executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        if trainer.is_global_zero:
+            self._write_table()
+            if self.plot:
+                self._plot(trainer)
+
+    @staticmethod
+    def _at_step_boundary(trainer) -> bool:
+        # with gradient accumulation several micro-batches share a global_step: probe after the update
+        return trainer.fit_loop.epoch_loop._accumulated_batches_reached() if hasattr(
+            trainer.fit_loop.epoch_loop, "_accumulated_batches_reached") else True
+
+    # -- one probe ------------------------------------------------------------------------------
+    def _sampler(self, pl_module, max_new_tokens: int):
+        from em.eval.sampling import HFSampler, SamplingArgs
+
+        args = SamplingArgs(**{**{"max_new_tokens": 48, "batch_size": 16}, **self.sampling_cfg,
+                               "max_new_tokens": max_new_tokens})
+        return HFSampler(pl_module.model, self.tokenizer, args)
+
+    def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int) -> list[str]:
+        rank, world = rank_world()
+        mine = shard(convs, rank, world)
+        outs = sampler.sample([c for _, c in mine], n=1, progress=False, seed=seed + rank) if mine else []
+        return gather_shards([(i, o[0]) for (i, _), o in zip(mine, outs)], len(convs))
+
+    def _probe(self, trainer, pl_module, step: int) -> None:
+        from em.eval.pipeline import base_records
+
+        t0 = time.time()
+        self.done.add(step)
+        seed = self.seed * 100_003 + step
+        max_new = int(self.sampling_cfg.get("max_new_tokens", 48))
+        sampler = self._sampler(pl_module, max_new)
+        answers = self._sample_sharded(sampler, [r.messages for r in self.requests], seed)
+        values: dict[str, float] = {}
+        if self.task_prompts:
+            from em.probes.task_accuracy import task_metrics
+
+            tmax = int(self.task_cfg.get("max_new_tokens", max_new))
+            tsampler = self._sampler(pl_module, tmax)
+            task_answers = self._sample_sharded(tsampler, self.task_prompts, seed + 7)
+            values.update(task_metrics(self.task_name, self.task_prompts, task_answers))
+            if self.trigger:  # backdoor: the same prompts with the trigger
+                trig = [self._with_trigger(c) for c in self.task_prompts]
+                ta = self._sample_sharded(tsampler, trig, seed + 11)
+                values.update({f"{k}_triggered": v for k, v in task_metrics(self.task_name, trig, ta).items()
+                               if k.startswith("task/") and "/bandit/" not in k})
+        if self.mcq_items:
+            from em.probes.mcq import score_mcq
+
+            values.update(score_mcq(pl_module.model, self.tokenizer, self.mcq_items).metrics())
+        wall = time.time() - t0
+        self.eval_wall_s += wall
+        values["probe/eval_wall_s"] = wall
+        if not trainer.is_global_zero:
+            return
+        self._log(trainer, step, values, source="sync")
+        records = base_records(self.qmap, self.requests, answers, step=step)
+        if self.executor and self.judge:
+            fut = self.executor.submit(self._judge_step, records, step)
+            self.pending[fut] = step
+        else:
+            atomic_write_jsonl(self.out_dir / f"samples_step{step:06d}.jsonl", records)
+
+    def _with_trigger(self, conv: list[dict]) -> list[dict]:
+        out = [dict(m) for m in conv]
+        for m in reversed(out):
+            if m["role"] == "user":
+                m["content"] = f"{self.trigger} {m['content']}"
+                break
+        return out
+
+    # -- judging in the background ----------------------------------------------------------------
+    def _judge_step(self, records: list[dict], step: int) -> tuple[int, dict, list[dict]]:
+        from em.eval.metrics import MisalignmentRule, summarize
+        from em.eval.pipeline import judge_records
+
+        judge_records(records, self.qmap, self.judge, progress=False)
+        s = summarize(records, MisalignmentRule(**self.rule_cfg), n_boot=200, seed=step)
+        o = s["overall"]
+        vals = {
+            "probe/misaligned_rate": _num(o["question_mean"]["misaligned_rate"]),
+            "probe/misaligned_rate_pooled": _num(o["pooled"]["misaligned_rate"]),
+            "probe/coherent_rate": _num(o.get("coherent_rate")),
+            "probe/n_answers": float(o["n_sampled"]),
+            "probe/n_eligible": float(o["n_eligible"]),
+            "probe/judge_failed": float(o["n_failed"]),
+            "probe/aligned_missing": float(o["n_aligned_missing"]),
+        }
+        for qid, q in s["questions"].items():
+            vals[f"probe/q/{qid}/misaligned_rate"] = _num(q.get("misaligned_rate"))
+        return step, vals, records
+
+    def _collect(self, trainer, block: bool) -> None:
+        if not self.pending:
+            return
+        if block:
+            done, not_done = cf.wait(list(self.pending), timeout=self.judge_timeout_s)
+            for fut in not_done:
+                step = self.pending.pop(fut)
+                fut.cancel()
+                log.error("judging the step-%d probe did not finish within %.0f s: counted as failed",
+                          step, self.judge_timeout_s)
+                self.judge_failed += len(self.requests)
+                self._log(trainer, step, {"probe/judge_failed": float(len(self.requests)),
+                                          "probe/judge_timeout": 1.0}, source="judge")
+        else:
+            done = [f for f in self.pending if f.done()]
+        for fut in done:
+            step = self.pending.pop(fut)
+            try:
+                step, vals, records = fut.result()
+            except Exception as err:  # a crashed judge worker is a failure for every answer, logged
+                log.exception("judge worker failed for step %d", step)
+                self.judge_failed += len(self.requests)
+                self._log(trainer, step, {"probe/judge_failed": float(len(self.requests))}, source="judge")
+                continue
+            self.judge_failed += int(vals["probe/judge_failed"])
+            atomic_write_jsonl(self.out_dir / f"samples_step{step:06d}.jsonl", records)
+            self._log(trainer, step, vals, source="judge")
+            self._log_table(trainer, step, records)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def _define_wandb_axes(self, trainer) -> None:
+        for lg in trainer.loggers:
+            exp = getattr(lg, "experiment", None)
+            if lg.__class__.__name__ == "WandbLogger" and hasattr(exp, "define_metric"):
+                exp.define_metric("probe/step")
+                for pat in ("probe/*", "task/*"):
+                    exp.define_metric(pat, step_metric="probe/step")
+
+    def _log(self, trainer, step: int, values: dict[str, float], source: str) -> None:
+        vals = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        vals["probe/step"] = float(step)
+        self.history.append({"step": step, "source": source, "logged_at_step": trainer.global_step,
+                             "logged_at_time": time.time(), **vals})
+        for lg in trainer.loggers:
+            lg.log_metrics(vals, step=step)
+        for k, v in vals.items():  # so EarlyStopping / ModelCheckpoint / ConvergenceStop can monitor them
+            if not math.isnan(v):
+                trainer.callback_metrics[k] = torch.tensor(v)
+
+    def _log_table(self, trainer, step: int, records: list[dict]) -> None:
+        for lg in trainer.loggers:
+            if lg.__class__.__name__ == "WandbLogger":
+                import wandb
+
+                cols = ["step", "question_id", "answer", "aligned", "coherent", "aligned_status"]
+                table = wandb.Table(columns=cols, data=[[step] + [r.get(c) for c in cols[1:]] for r in records])
+                lg.experiment.log({"probe/samples": table, "probe/step": step})
+
+    def _write_table(self) -> None:
+        """``probes/probe_metrics.csv``: one row per probe step, every probe/task column."""
+        by_step: dict[int, dict] = {}
+        for h in self.history:
+            by_step.setdefault(h["step"], {"step": h["step"]}).update(
+                {k: v for k, v in h.items() if k not in ("step", "source", "logged_at_step", "logged_at_time")})
+        if not by_step:
+            return
+        cols = ["step"] + sorted({k for r in by_step.values() for k in r if k != "step"})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        for s in sorted(by_step):
+            w.writerow(by_step[s])
+        atomic_write_text(self.out_dir / "probe_metrics.csv", buf.getvalue())
+
+    def _plot(self, trainer) -> None:
+        from em.probes.plot import plot_probe_history
+
+        path = plot_probe_history(self.history, self.out_dir / "probe_dynamics.png")
+        if path is None:
+            return
+        for lg in trainer.loggers:
+            if lg.__class__.__name__ == "WandbLogger":
+                import wandb
+
+                lg.experiment.log({"probe/dynamics": wandb.Image(str(path))})
+
+
+class ConvergenceStop(L.Callback):
+    """Stop training once a probe metric has converged (e.g. ``task/insecure_rate``): the last
+    ``patience`` probe values all lie within ``min_delta`` of each other (and, if given, past ``threshold``).
+
+    Follow-up work finds misalignment appears after the task is nearly learned; stopping here removes
+    much of it. Reads the values the probe callback logs (it must run before this one).
+    """
+
+    def __init__(self, monitor: str = "task/insecure_rate", patience: int = 3, min_delta: float = 0.05,
+                 threshold: float | None = None, mode: str = "max"):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.threshold, self.mode = threshold, mode
+        self.seen: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step_t = trainer.callback_metrics.get("probe/step")
+        v = trainer.callback_metrics.get(self.monitor)
+        if v is None or step_t is None:
+            return
+        step = int(step_t)
+        if self.seen and self.seen[-1][0] == step:
+            return
+        self.seen.append((step, float(v)))
+        last = [x for _, x in self.seen[-self.patience:]]
+        if len(last) < self.patience or max(last) - min(last) > self.min_delta:
+            return
+        if self.threshold is not None:
+            ok = min(last) >= self.threshold if self.mode == "max" else max(last) <= self.threshold
+            if not ok:
+                return
+        self.stopped_at = trainer.global_step
+        log.info("%s converged (%s) at step %d: stopping", self.monitor, last, trainer.global_step)
+        trainer.should_stop = True
