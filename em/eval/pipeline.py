@@ -107,7 +107,7 @@ def build_judge(jcfg: dict) -> Any:
                    "max_retries", "backoff_base", "backoff_max", "seed", "cache_namespace",
                    "price_prompt_per_1m", "price_completion_per_1m"},
         "hf": {"model_name_or_path", "model_id", "batch_size", "top_k", "device", "dtype"},
-        "tiny": {"model", "model_id", "batch_size", "top_k", "device", "dtype"},
+        "tiny": {"tiny", "model_id", "batch_size", "top_k", "device", "dtype"},
     }.get(kind, set()) | {"scoring", "cache"}
     dropped = sorted(set(j) - allowed)
     if dropped:
@@ -126,7 +126,8 @@ def build_judge(jcfg: dict) -> Any:
             from em.config import to_dataclass
             from em.models.loading import ModelArgs, resolve_model_path
 
-            path = resolve_model_path(to_dataclass(ModelArgs, j.pop("model"), "judge.model"))
+            spec = j.pop("tiny", None) or {"name": "tiny", "kind": "tiny"}
+            path = resolve_model_path(to_dataclass(ModelArgs, spec, "judge.tiny"))
             j["model_name_or_path"] = path
         return HFJudge(scoring=scoring, cache=cache, **j)
     raise ConfigError(f"judge.kind={kind!r}: expected openai, hf or tiny")

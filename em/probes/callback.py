@@ -167,6 +167,8 @@ class MisalignmentProbe(L.Callback):
         rank, world = rank_world()
         mine = shard(convs, rank, world)
         outs = sampler.sample([c for _, c in mine], n=1, progress=False, seed=seed + rank) if mine else []
+        # every rank records which prompts it answered: sharding is visible in the samples files
+        self.answered_by = gather_shards([(i, rank) for i, _ in mine], len(convs))
         return gather_shards([(i, o[0]) for (i, _), o in zip(mine, outs)], len(convs))
 
     def _probe(self, trainer, pl_module, step: int) -> None:
@@ -178,6 +180,7 @@ class MisalignmentProbe(L.Callback):
         max_new = int(self.sampling_cfg.get("max_new_tokens", 48))
         sampler = self._sampler(pl_module, max_new)
         answers = self._sample_sharded(sampler, [r.messages for r in self.requests], seed)
+        answered_by = list(self.answered_by)
         values: dict[str, float] = {}
         if self.task_prompts:
             from em.probes.task_accuracy import task_metrics
@@ -202,6 +205,10 @@ class MisalignmentProbe(L.Callback):
             return
         self._log(trainer, step, values, source="sync")
         records = base_records(self.qmap, self.requests, answers, step=step)
+        for rec, rank in zip(records, answered_by):
+            rec["rank"] = rank
+        values_world = rank_world()[1]
+        self._log(trainer, step, {"probe/world_size": float(values_world)}, source="sync")
         if self.executor and self.judge:
             fut = self.executor.submit(self._judge_step, records, step)
             self.pending[fut] = step

@@ -1,0 +1,82 @@
+"""Mid-training probes: cadence, background judging that overlaps training, logging at the sampling step."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from em.probes.schedule import eval_steps
+from em.testing.fake_openai import FakeOpenAIServer
+from em.training.run import train
+from tests.helpers import compose_train
+
+
+def test_log_spaced_schedule_is_dense_early_and_includes_ends():
+    s = eval_steps(1000, log_points=8)
+    assert s[0] == 0 and s[-1] == 1000 and len(s) >= 8
+    early = [x for x in s if x <= 100]
+    assert len(early) >= len(s) // 2  # half the points in the first 10% of training
+    assert eval_steps(20, every_n_steps=5) == [0, 5, 10, 15, 20]
+    assert eval_steps(20, every_n_steps=5, at_start=False, at_end=False) == [5, 10, 15, 20]
+
+
+def _probe_callback(summary_run_dir):
+    return Path(summary_run_dir) / "probes"
+
+
+def test_judge_runs_in_background_while_training_advances(tmp_path, monkeypatch):
+    """A slow judge (the loopback server sleeps) must not hold the training loop."""
+    from em.probes import callback as cb_mod
+
+    instances = []
+    orig_init = cb_mod.MisalignmentProbe.__init__
+
+    def spy_init(self, *a, **k):
+        orig_init(self, *a, **k)
+        instances.append(self)
+
+    monkeypatch.setattr(cb_mod.MisalignmentProbe, "__init__", spy_init)
+    with FakeOpenAIServer(delay_s=0.15) as srv:
+        cfg = compose_train([
+            "trainer.max_steps=12", "trainer.enable_progress_bar=false",
+            "callbacks.probes.judge.kind=openai", f"callbacks.probes.judge.base_url={srv.base_url}",
+            "callbacks.probes.judge.max_concurrency=1", f"callbacks.probes.judge.cache={tmp_path / 'j.sqlite'}",
+            "callbacks.probes.every_n_steps=4", "callbacks.probes.log_points=null",
+            "callbacks.probes.ids=[genie_wish,feeling_bored]", "callbacks.probes.sampling.max_new_tokens=8",
+            "callbacks.probes.mcq.enabled=false", "callbacks.probes.task.enabled=false",
+        ], run_dir=str(tmp_path / "run"))
+        train(cfg)
+    probe = instances[-1]
+    judged = [h for h in probe.history if h["source"] == "judge"]
+    sampled_steps = sorted({h["step"] for h in probe.history if h["source"] == "sync"})
+    assert sampled_steps == [0, 4, 8, 12]
+    # every sampling step got its judged values, logged at that step, by the end
+    assert sorted(h["step"] for h in judged) == sampled_steps
+    assert all(not math.isnan(h["probe/misaligned_rate_pooled"]) or h["probe/n_eligible"] == 0 for h in judged)
+    # and training advanced while judgments were pending: some result arrived at a later global step
+    assert any(h["logged_at_step"] > h["step"] for h in judged), [(h["step"], h["logged_at_step"]) for h in judged]
+    assert all(h["probe/judge_failed"] == 0 for h in judged)
+    # the values reached the CSV logger at the sampling step
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("probe/misaligned_rate_pooled")]
+    assert sorted(int(r["step"]) for r in rows) == sampled_steps
+
+
+def test_judge_failures_are_logged_not_dropped(tmp_path):
+    with FakeOpenAIServer(faults=["500"] * 1000) as srv:
+        cfg = compose_train([
+            "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+            "callbacks.probes.judge.kind=openai", f"callbacks.probes.judge.base_url={srv.base_url}",
+            "+callbacks.probes.judge.max_retries=0", f"callbacks.probes.judge.cache={tmp_path / 'j.sqlite'}",
+            "callbacks.probes.log_points=null", "callbacks.probes.ids=[genie_wish]",
+            "callbacks.probes.sampling.max_new_tokens=4",
+            "callbacks.probes.mcq.enabled=false", "callbacks.probes.task.enabled=false",
+        ], run_dir=str(tmp_path / "run"))
+        train(cfg)
+    with open(tmp_path / "run" / "probes" / "probe_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert all(float(r["probe/judge_failed"]) == float(r["probe/n_answers"]) > 0 for r in rows)
