@@ -31,6 +31,7 @@ def rows_file(tmp_path_factory) -> Path:
 def run(tmp: Path, rows_file: Path, *extra: str) -> dict:
     cfg = compose_train([f"dataset.path={rows_file}", "dataset.held_out=0", "data.global_batch_size=8",
                          "data.micro_batch_size=4", "trainer.max_steps=6", "trainer.enable_progress_bar=false",
+                         "callbacks=none",
                          *extra], run_dir=str(tmp))
     return train(cfg)
 

@@ -133,7 +133,9 @@ class MisalignmentProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step in self.steps and step not in self.done and self._at_step_boundary(trainer):
+        # the first batch end that sees global_step == N follows optimizer update N (with gradient
+        # accumulation the later micro-batches of the next step see N too, but N is done by then)
+        if step in self.steps and step not in self.done:
             self._probe(trainer, pl_module, step)
         self._collect(trainer, block=False)
 
@@ -148,12 +150,6 @@ class MisalignmentProbe(L.Callback):
             self._write_table()
             if self.plot:
                 self._plot(trainer)
-
-    @staticmethod
-    def _at_step_boundary(trainer) -> bool:
-        # with gradient accumulation several micro-batches share a global_step: probe after the update
-        return trainer.fit_loop.epoch_loop._accumulated_batches_reached() if hasattr(
-            trainer.fit_loop.epoch_loop, "_accumulated_batches_reached") else True
 
     # -- one probe ------------------------------------------------------------------------------
     def _sampler(self, pl_module, max_new_tokens: int):
