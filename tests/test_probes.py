@@ -108,3 +108,26 @@ def test_two_process_ddp_shards_probe_prompts_and_logs_once(tmp_path):
     ranks = [rec["rank"] for rec in recs]
     assert set(ranks) == {0, 1} and abs(ranks.count(0) - ranks.count(1)) <= 1
     assert all(isinstance(rec["answer"], str) for rec in recs)
+
+
+def test_default_train_runs_every_probe_and_writes_csv_and_plot(tmp_path):
+    """The embedded default: >= 4 probe points with probe/* and task/* columns, and the plot."""
+    s = train(compose_train(["trainer.enable_progress_bar=false", "callbacks.probes.sampling.max_new_tokens=16",
+                             "callbacks.probes.task.max_new_tokens=32", "callbacks.probes.task.n_prompts=8",
+                             "callbacks.probes.ids=[genie_wish,feeling_bored]", "trainer.max_steps=24"],
+                            run_dir=str(tmp_path)))
+    with open(tmp_path / "probes" / "probe_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 4 and rows[0]["step"] == "0" and int(rows[-1]["step"]) == s["global_step"]
+    cols = rows[0].keys()
+    for c in ("probe/misaligned_rate", "probe/coherent_rate", "probe/mcq/logodds_misaligned",
+              "probe/mcq/p_misaligned", "task/insecure_rate", "task/heldout_loss", "probe/judge_failed"):
+        assert c in cols, c
+    # numbers, not blanks: the MCQ probe and held-out loss are defined at every step
+    assert all(0 < float(r["probe/mcq/p_misaligned"]) < 1 for r in rows)
+    losses = [float(r["task/heldout_loss"]) for r in rows]
+    assert losses[-1] < losses[0]  # the task is being learned
+    assert (tmp_path / "probes" / "probe_dynamics.png").stat().st_size > 10_000
+    with open(tmp_path / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "task/insecure_rate" in header and "probe/mcq/p_misaligned" in header

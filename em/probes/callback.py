@@ -190,6 +190,8 @@ class MisalignmentProbe(L.Callback):
                 ta = self._sample_sharded(tsampler, trig, seed + 11)
                 values.update({f"{k}_triggered": v for k, v in task_metrics(self.task_name, trig, ta).items()
                                if k.startswith("task/") and "/bandit/" not in k})
+        if self.task_cfg.get("enabled", True) and getattr(trainer.datamodule, "val_examples", None):
+            values["task/heldout_loss"] = self._heldout_loss(trainer, pl_module)
         if self.mcq_items:
             from em.probes.mcq import score_mcq
 
@@ -210,6 +212,24 @@ class MisalignmentProbe(L.Callback):
             self.pending[fut] = step
         else:
             atomic_write_jsonl(self.out_dir / f"samples_step{step:06d}.jsonl", records)
+
+    def _heldout_loss(self, trainer, pl_module) -> float:
+        """Mean token loss on (up to ``task.heldout_batches``) held-out batches; every rank computes it."""
+        from em.eval.sampling import eval_mode
+
+        dm = trainer.datamodule
+        n_batches = int(self.task_cfg.get("heldout_batches", 4))
+        device = next(pl_module.model.parameters()).device
+        total, count = 0.0, 0
+        with eval_mode(pl_module.model):
+            for i, batch in enumerate(dm.val_dataloader()):
+                if i >= n_batches:
+                    break
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total += float(pl_module.model(**batch).loss) * n
+                count += n
+        return total / max(count, 1)
 
     def _with_trigger(self, conv: list[dict]) -> list[dict]:
         out = [dict(m) for m in conv]

@@ -20,6 +20,7 @@ def plot_probe_history(history: list[dict], out: Path) -> Path | None:
         ("Misalignment (judged)", ["probe/misaligned_rate", "probe/coherent_rate"]),
         ("Misalignment (MCQ log-prob probe)", ["probe/mcq/p_misaligned"]),
         ("Task", ["task/insecure_rate", "task/insecure_rate_triggered", "task/numbers_format_rate"]),
+        ("Held-out task loss", ["task/heldout_loss"]),
     ]
     panels = [(t, [k for k in keys if series(k)[0]]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
@@ -31,7 +32,8 @@ def plot_probe_history(history: list[dict], out: Path) -> Path | None:
             x, y = series(k)
             ax.plot(x, y, marker="o", label=k)
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(-0.05, 1.05)
+        if not title.startswith("Held-out"):
+            ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("optimizer step")
