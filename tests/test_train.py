@@ -91,6 +91,8 @@ def test_resume_from_last_continues_at_the_right_step(tmp_path, rows_file):
         ref = [r for r in csv.DictReader(f) if r.get("train/lr")]
     # the resumed run logs steps 4..7 only, with the schedule where the uninterrupted run had it
     assert [int(r["step"]) for r in rows] == [4, 5, 6, 7]
+    with open(part / "history" / "attempt_000" / "metrics.csv") as f:  # the first attempt's curve is kept
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/lr")] == [0, 1, 2, 3]
     assert [float(r["train/lr"]) for r in rows] == pytest.approx([float(r["train/lr"]) for r in ref[4:]])
 
 

@@ -162,21 +162,6 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
 
 
-def keep_metrics_history(run_dir: Path) -> Path | None:
-    """Move ``metrics.csv`` to ``history/attempt_<nnn>/`` before a resume (Lightning's CSV logger starts the
-    file afresh); the report reads every ``metrics.csv`` under a run and keeps the newest row per step."""
-    src = run_dir / "metrics.csv"
-    if not src.is_file():
-        return None
-    n = 0
-    while (run_dir / "history" / f"attempt_{n:03d}").exists():
-        n += 1
-    dst = run_dir / "history" / f"attempt_{n:03d}" / "metrics.csv"
-    dst.parent.mkdir(parents=True)
-    src.replace(dst)
-    return dst
-
-
 def _job_num(cfg: DictConfig) -> int:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -354,8 +339,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             resumed_from = str(ckpt)
             with open_dict(job_cfg):
                 job_cfg.ckpt_path = resumed_from
-            if rank == 0:
-                keep_metrics_history(run_dir)
             print(f"[em.sweep] resume from {ckpt}: {run_dir}", flush=True)
     wb = (job_cfg.get("logger") or {}).get("wandb")
     if wb:

@@ -72,6 +72,21 @@ def build_strategy(cfg: DictConfig):
     return s.get("name", "auto")
 
 
+def keep_metrics_history(run_dir: Path) -> Path | None:
+    """Move ``metrics.csv`` to ``history/attempt_<nnn>/`` before a resume: Lightning's CSV logger starts the
+    file afresh in a non-empty dir. The report reads every ``metrics.csv`` under a run (newest row per step)."""
+    src = run_dir / "metrics.csv"
+    if not src.is_file():
+        return None
+    n = 0
+    while (run_dir / "history" / f"attempt_{n:03d}").exists():
+        n += 1
+    dst = run_dir / "history" / f"attempt_{n:03d}" / "metrics.csv"
+    dst.parent.mkdir(parents=True)
+    src.replace(dst)
+    return dst
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -140,6 +155,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     del load_rows
 
     module = CausalLMModule(model_args, ft_args, optim_args, model_path)
+    if cfg.get("ckpt_path") and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+        keep_metrics_history(run_dir)
     loggers = build_loggers(cfg, run_dir)
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
