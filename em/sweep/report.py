@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
 ALL_ID = "ALL"
 RESULTS_FILE, SAMPLES_FILE, METRICS_FILE = "results.json", "samples.jsonl", "metrics.csv"
-DEFAULT_MISALIGNMENT_METRICS = ("probe/misaligned_rate",)
+# judged rate first; the judge-free MCQ probe when no judged value was logged (e.g. an offline judge)
+DEFAULT_MISALIGNMENT_METRICS = ("probe/misaligned_rate", "probe/mcq/p_misaligned")
 DEFAULT_TASK_METRICS = ("task/insecure_rate",)
 COUNT_COLUMNS = (
     "n_sampled", "n_judged", "n_failed", *(f"n_aligned_missing_{r}" for r in MISSING_REASONS),
@@ -352,7 +353,7 @@ def make_dynamics_figure(runs: Sequence[Run], out_path: Path, misalignment_metri
         df = read_metrics_csv(r.run_dir)
         if df is None:
             continue
-        cols = [c for c in df.columns if c != "step"]
+        cols = [c for c in df.columns if c != "step" and df[c].notna().any()]
         picks = {
             "mis": misalignment_metric or _pick_column(cols, DEFAULT_MISALIGNMENT_METRICS, "misalign"),
             "task": task_metric or _pick_column(cols, DEFAULT_TASK_METRICS, "task/"),
