@@ -7,9 +7,10 @@ import logging
 import lightning as L
 import torch
 
-from em.models.loading import ModelArgs, load_model
-from em.models.peft_setup import FinetuneArgs, apply_finetune
+from em.models.loading import ModelArgs
+from em.models.peft_setup import FinetuneArgs
 from em.training.optim import OptimArgs, build_optimizer, build_scheduler
+from em.training.sharded import build_model, trainable_param_names
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        base = load_model(self.model_args, self.model_path)
-        self.model = apply_finetune(base, self.finetune_args)
+        # build_model adapts loading to the strategy (ZeRO-3: weights into partitions, adapters outside zero.Init)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        self.model = build_model(self.model_args, self.finetune_args, self.model_path, strategy)
         self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning does not flip it
 
     def forward(self, **batch):
@@ -62,14 +64,14 @@ class CausalLMModule(L.LightningModule):
 
     # -- checkpoints: only trainable tensors for adapters ----------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        if self.finetune_args.kind != "full":
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.finetune_args.kind != "full" and "state_dict" in checkpoint:
+            trainable = {f"model.{n}" for n in trainable_param_names(self.model)}  # names without FSDP prefixes
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint):
-        if self.finetune_args.kind != "full" and self.model is not None:
-            missing = [k for k, p in self.model.named_parameters() if p.requires_grad
-                       and f"model.{k}" not in checkpoint["state_dict"]]
+        # no "state_dict" under DeepSpeed: its engine restores the module's tensors itself
+        if self.finetune_args.kind != "full" and self.model is not None and "state_dict" in checkpoint:
+            missing = [k for k in trainable_param_names(self.model) if f"model.{k}" not in checkpoint["state_dict"]]
             if missing:
                 raise RuntimeError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}: "
                                    "was it saved with a different finetune config?")

@@ -66,9 +66,15 @@ def build_strategy(cfg: DictConfig):
     if s is None:
         return "auto"
     if "_target_" in s:
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
-        return instantiate(s)
+        try:
+            return instantiate(s)
+        except InstantiationException as err:  # a ConfigError raised by the strategy: show it as such
+            if isinstance(err.__cause__, ConfigError):
+                raise err.__cause__ from None
+            raise
     return s.get("name", "auto")
 
 
