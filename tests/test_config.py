@@ -79,3 +79,19 @@ def test_unknown_key_is_named():
 
     with pytest.raises(ConfigError, match=r"finetune: unknown key\(s\) \['rank'\]"):
         to_dataclass(FinetuneArgs, {"rank": 3}, "finetune")
+
+
+def test_weight_decay_groups_by_name_not_shape():
+    import torch
+
+    from em.training.optim import build_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(6))  # a flattened (FSDP-style) 1-D shard of a 2-D weight
+    b = torch.nn.Parameter(torch.zeros(3))
+    ln = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([("layers.0.mlp.down_proj.lora_A.default.weight", w), ("layers.0.mlp.bias", b),
+                           ("layers.0.input_layernorm.weight", ln)], OptimArgs(weight_decay=0.01))
+    by_wd = {g["weight_decay"]: g["params"] for g in opt.param_groups}
+    assert by_wd[0.01] == [w] and by_wd[0.0] == [b, ln]
+    only_lora = build_optimizer([("x.lora_B.default.weight", w)], OptimArgs())
+    assert len(only_lora.param_groups) == 1  # no empty group (DeepSpeed + LR schedulers choke on them)

@@ -82,8 +82,13 @@ def test_judge_failures_are_logged_not_dropped(tmp_path):
     assert all(float(r["probe/judge_failed"]) == float(r["probe/n_answers"]) > 0 for r in rows)
 
 
-def test_two_process_ddp_shards_probe_prompts_and_logs_once(tmp_path):
-    """2 CPU processes on gloo: both ranks sample (strided shards), rank 0 logs one set of values."""
+import pytest as _pytest
+
+
+@_pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_run_shards_probe_prompts_and_logs_once(tmp_path, strategy):
+    """2 CPU processes on gloo: both ranks sample (strided shards), rank 0 logs one set of values.
+    Under FSDP every forward is collective, so this also proves no rank-0-only generation."""
     import json
     import os
     import subprocess
@@ -93,17 +98,18 @@ def test_two_process_ddp_shards_probe_prompts_and_logs_once(tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "EM_CACHE": os.environ["EM_CACHE"]}
     r = subprocess.run(
-        [sys.executable, str(repo / "train.py"), "trainer=ddp_cpu", "strategy=ddp", "data.micro_batch_size=4",
+        [sys.executable, str(repo / "train.py"), "trainer=ddp_cpu", f"strategy={strategy}", "data.micro_batch_size=4",
          "trainer.max_steps=4", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}",
          "callbacks.probes.log_points=null", "callbacks.probes.every_n_steps=2",
-         "callbacks.probes.sampling.max_new_tokens=6", "callbacks.probes.mcq.enabled=false",
-         "callbacks.probes.task.enabled=false"],
+         "callbacks.probes.sampling.max_new_tokens=6", "callbacks.probes.ids=[genie_wish,feeling_bored]",
+         "callbacks.probes.task.n_prompts=4", "callbacks.probes.task.max_new_tokens=6"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(run_dir / "probes" / "probe_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(x["step"]) for x in rows] == [0, 2, 4]  # one row per step: logged once, by rank 0
     assert all(float(x["probe/world_size"]) == 2 for x in rows)
+    assert all(0 < float(x["probe/mcq/p_misaligned"]) < 1 and x["task/insecure_rate"] != "" for x in rows)
     recs = [json.loads(line) for line in open(run_dir / "probes" / "samples_step000004.jsonl")]
     ranks = [rec["rank"] for rec in recs]
     assert set(ranks) == {0, 1} and abs(ranks.count(0) - ranks.count(1)) <= 1

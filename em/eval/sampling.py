@@ -69,8 +69,12 @@ def isolated_rng(seed: int):
 class HFSampler:
     """Batched, left-padded ``generate`` with KV cache; works on a PEFT-wrapped or merged model."""
 
-    def __init__(self, model, tokenizer, args: SamplingArgs, stop_ids: Sequence[int] | None = None):
+    def __init__(self, model, tokenizer, args: SamplingArgs, stop_ids: Sequence[int] | None = None,
+                 synced_gpus: bool = False):
         self.model = model
+        # With sharded weights (ZeRO-3 / FSDP) every forward is collective: ranks must keep stepping
+        # together until all are done (transformers' synced_gpus), else generate() hangs.
+        self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.args = args
         if stop_ids is None:
@@ -108,6 +112,7 @@ class HFSampler:
                     eos_token_id=self.stop_ids,
                     pad_token_id=tok.pad_token_id,
                     use_cache=True,
+                    synced_gpus=self.synced_gpus,
                 )
                 new = gen[:, enc["input_ids"].shape[1]:]
                 outs.extend(tok.batch_decode(new, skip_special_tokens=True))

@@ -131,8 +131,10 @@ def load_model(args: ModelArgs, path: str | None = None, dtype=None):
     except OSError as err:
         raise MissingResourceError(_missing_model_message(args, err)) from err
     if args.gradient_checkpointing:
-        # use_reentrant=False works with frozen inputs (LoRA); see
-        # https://github.com/huggingface/transformers/issues/28339
+        # Non-reentrant checkpointing back-propagates through frozen inputs (LoRA on a frozen base) without
+        # the enable_input_require_grads hook: https://github.com/huggingface/transformers/issues/21381 and
+        # https://github.com/huggingface/transformers/issues/26221. Keep while torch's reentrant variant is
+        # the one that needs grad-requiring inputs. ZeRO-3 needs reentrant: see em/training/sharded.py.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model

@@ -157,17 +157,44 @@ class MisalignmentProbe(L.Callback):
 
         args = SamplingArgs(**{**{"max_new_tokens": 48, "batch_size": 16}, **self.sampling_cfg,
                                "max_new_tokens": max_new_tokens})
-        return HFSampler(pl_module.model, self.tokenizer, args)
+        return HFSampler(pl_module.model, self.tokenizer, args, synced_gpus=rank_world()[1] > 1)
 
     def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int) -> list[str]:
         rank, world = rank_world()
         mine = shard(convs, rank, world)
-        outs = sampler.sample([c for _, c in mine], n=1, progress=False, seed=seed + rank) if mine else []
+        # equal work on every rank (same number of generate calls), padding with a repeat that is dropped
+        per_rank = -(-len(convs) // world)
+        todo = [c for _, c in mine] + [convs[0]] * (per_rank - len(mine))
+        outs = sampler.sample(todo, n=1, progress=False, seed=seed + rank)[:len(mine)] if todo else []
         # every rank records which prompts it answered: sharding is visible in the samples files
         self.answered_by = gather_shards([(i, rank) for i, _ in mine], len(convs))
         return gather_shards([(i, o[0]) for (i, _), o in zip(mine, outs)], len(convs))
 
+    @staticmethod
+    def _root_params(trainer):
+        """FSDP: the root unit's own parameters (embeddings, final norm) gathered for the probe's forward passes,
+        which call the inner HF model and so bypass the root's forward. Nested units (decoder layers) gather
+        their shards in their own forward as usual, so memory stays sharded (``recurse=False`` summons only the
+        outer unit: https://github.com/pytorch/pytorch/pull/71225). Without it, the embedding is still a flat
+        shard ("'weight' must be 2-D"). Needed as long as probes call the HF model rather than the FSDP root.
+        """
+        import contextlib
+
+        strategy = trainer.strategy
+        if "FSDP" not in type(strategy).__name__:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = strategy.model
+        if not isinstance(root, FSDP):
+            return contextlib.nullcontext()
+        return FSDP.summon_full_params(root, recurse=False, writeback=False)
+
     def _probe(self, trainer, pl_module, step: int) -> None:
+        with self._root_params(trainer):
+            self._probe_inner(trainer, pl_module, step)
+
+    def _probe_inner(self, trainer, pl_module, step: int) -> None:
         from em.eval.pipeline import base_records
 
         t0 = time.time()

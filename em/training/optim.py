@@ -24,13 +24,21 @@ class OptimArgs:
     """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes, GPU only; the paper's unsloth recipe)."""
 
 
+def _no_decay(name: str) -> bool:
+    """Biases and normalisation weights get no weight decay (the usual transformer recipe)."""
+    n = name.lower()
+    return n.endswith("bias") or "norm" in n
+
+
 def build_optimizer(params, args: OptimArgs):
     named = [(n, p) for n, p in params if p.requires_grad]
     if not named:
         raise ConfigError("no trainable parameters: check finetune.kind / finetune.target_modules")
-    decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n.lower())]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # By name, not by p.ndim: FSDP hands the optimizer flattened 1-D shards of 2-D weights.
+    decay = [p for n, p in named if not _no_decay(n)]
+    no_decay = [p for n, p in named if _no_decay(n)]
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps)
     if args.optimizer == "adamw_8bit":
