@@ -70,7 +70,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Writes ``samples.jsonl`` (every answer with every score and the judge's raw top logprobs),
     ``summary.json`` and ``summary.csv`` in ``paths.run_dir``; returns the summary.
     """
-    from em.eval.judge.base import JudgeStats  # noqa: F401  (import check: the judge package is there)
     from em.eval.metrics import MisalignmentRule, summarize
     from em.eval.pipeline import base_records, build_judge, judge_records, sample_answers
     from em.eval.sampling import build_sampler

@@ -87,7 +87,6 @@ class HFSampler:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
     def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None) -> list[list[str]]:
-        import torch
         from tqdm.auto import tqdm
 
         tok, a = self.tokenizer, self.args

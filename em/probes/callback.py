@@ -306,7 +306,7 @@ class MisalignmentProbe(L.Callback):
             step = self.pending.pop(fut)
             try:
                 step, vals, records = fut.result()
-            except Exception as err:  # a crashed judge worker is a failure for every answer, logged
+            except Exception:  # a crashed judge worker is a failure for every answer, logged
                 log.exception("judge worker failed for step %d", step)
                 self.judge_failed += len(self.requests)
                 self._log(trainer, step, {"probe/judge_failed": float(len(self.requests))}, source="judge")

@@ -146,8 +146,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accum = accumulation(data_args, world)
 
     # Data rows first: a missing dataset is reported before a (possibly huge) model download.
-    from em.data.loading import load_rows
-
     dm = ChatDataModule(ds_args, data_args, tokenizer=None, seed=cfg.get("seed"))
     dm.load()
     model_path = resolve_model_path(model_args)
@@ -158,7 +156,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_stats = dm.train_stats.summary()
     atomic_write_json(run_dir / "data_stats.json", {"train": data_stats, "held_out_rows": len(dm.held_out_rows),
                                                      "provenance": dm.provenance})
-    del load_rows
 
     module = CausalLMModule(model_args, ft_args, optim_args, model_path)
     if cfg.get("ckpt_path") and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
