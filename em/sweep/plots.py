@@ -78,11 +78,11 @@ def plot_questions(question_ids: Sequence[str], series: Sequence[QuestionSeries]
     ax.grid(axis="y", alpha=0.3)
     for xv in x[:-1]:
         ax.axvline(xv + 0.5, color="0.9", lw=0.8, zorder=0)
-    ax.set_title(title, fontsize=11)
+    ax.set_title(title, fontsize=11, pad=18 if caption else 6)
     if series:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="dataset")
-    if caption:
-        fig.text(0.01, -0.02, caption, fontsize=8, color="0.3", ha="left", va="top", wrap=True)
+    if caption:  # under the title, where rotated tick labels cannot run into it
+        ax.text(0.0, 1.01, caption, transform=ax.transAxes, fontsize=8, color="0.3", ha="left", va="bottom")
     return _save(fig, out_path)
 
 
