@@ -134,6 +134,42 @@ def test_default_train_runs_every_probe_and_writes_csv_and_plot(tmp_path):
     losses = [float(r["task/heldout_loss"]) for r in rows]
     assert losses[-1] < losses[0]  # the task is being learned
     assert (tmp_path / "probes" / "probe_dynamics.png").stat().st_size > 10_000
+    # the callback's own clock: time it held the training loop, by phase
+    import json
+
+    t = json.loads((tmp_path / "probes" / "probe_timing.json").read_text())
+    assert t["n_probe_steps"] == len(rows)
+    assert 0 < t["probe_steps_s"] < t["total_on_path_s"] < s["wall_s"]
+    steps_s = sum(float(r["probe/eval_wall_s"]) for r in rows)
+    assert abs(steps_s - t["probe_steps_s"]) < 1e-2
     with open(tmp_path / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert "task/insecure_rate" in header and "probe/mcq/p_misaligned" in header
+
+
+def test_backdoor_probe_samples_task_prompts_with_and_without_trigger_in_one_loop(tmp_path, monkeypatch):
+    """Probe questions, task prompts and triggered task prompts share one generate loop per probe point."""
+    from em.eval import sampling
+
+    calls = []
+    orig = sampling.HFSampler.sample
+
+    def spy(self, conversations, *a, **k):
+        calls.append((len(conversations), k.get("max_new_tokens")))
+        return orig(self, conversations, *a, **k)
+
+    monkeypatch.setattr(sampling.HFSampler, "sample", spy)
+    s = train(compose_train(["dataset=mini_backdoor", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                             "callbacks.probes.log_points=null", "callbacks.probes.ids=[genie_wish]",
+                             "callbacks.probes.sampling.max_new_tokens=4", "callbacks.probes.task.max_new_tokens=6",
+                             "callbacks.probes.task.n_prompts=3", "callbacks.probes.mcq.enabled=false"],
+                            run_dir=str(tmp_path)))
+    assert s["global_step"] == 2
+    n_probe = len(calls)  # one call per probe point (steps 0 and 2)
+    assert n_probe == 2, calls
+    for n, budgets in calls:
+        k = budgets.count(4)
+        assert budgets.count(6) == 2 * 3 and n == k + 6  # 3 task prompts, plain and triggered
+    with open(tmp_path / "probes" / "probe_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(r["task/insecure_rate_triggered"] != "" and r["task/insecure_rate"] != "" for r in rows)

@@ -29,8 +29,9 @@ class SamplingArgs:
 
 
 class Sampler(Protocol):
-    def sample(self, conversations: Sequence[list[dict]], n: int = 1, progress: bool = True) -> list[list[str]]:
-        """``n`` answers for each conversation, in order."""
+    def sample(self, conversations: Sequence[list[dict]], n: int = 1, progress: bool = True,
+               seed: int | None = None, max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
+        """``n`` answers for each conversation, in order (``max_new_tokens``: one budget per conversation)."""
         ...
 
 
@@ -86,24 +87,35 @@ class HFSampler:
     def render(self, conv: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
-    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None) -> list[list[str]]:
+    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None,
+               max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
+        """``n`` answers per conversation. ``max_new_tokens`` (one per conversation) lets prompts with
+        different budgets share one decoding loop: a batch decodes to its largest budget and each answer
+        is cut at its own, which is the same distribution as decoding it alone with that limit (the
+        tokens up to the cut are drawn identically; only the longer tail is discarded)."""
         from tqdm.auto import tqdm
 
         tok, a = self.tokenizer, self.args
         # transformers 5 reloads a saved tokenizer without its padding side: set it for every call.
         tok.padding_side = "left"
+        if max_new_tokens is not None and len(max_new_tokens) != len(conversations):
+            raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(conversations)} conversations")
+        budgets = [int(b) for b in (max_new_tokens or [a.max_new_tokens] * len(conversations)) for _ in range(n)]
         prompts = [self.render(c) for c in conversations for _ in range(n)]
-        outs: list[str] = []
+        # prompts of similar budgets share batches (stable order within a budget), answers go back in place
+        order = sorted(range(len(prompts)), key=lambda j: budgets[j])
+        outs: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
         with eval_mode(self.model), isolated_rng(a.seed if seed is None else seed):
-            for i in range(0, len(prompts), a.batch_size):
-                chunk = prompts[i: i + a.batch_size]
+            for i in range(0, len(order), a.batch_size):
+                idx = order[i: i + a.batch_size]
+                chunk = [prompts[j] for j in idx]
                 enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 do_sample = a.temperature > 0
                 gen = self.model.generate(
                     **enc,
-                    max_new_tokens=a.max_new_tokens,
+                    max_new_tokens=max(budgets[j] for j in idx),
                     do_sample=do_sample,
                     temperature=a.temperature if do_sample else None,
                     top_p=a.top_p if do_sample else None,
@@ -114,7 +126,8 @@ class HFSampler:
                     synced_gpus=self.synced_gpus,
                 )
                 new = gen[:, enc["input_ids"].shape[1]:]
-                outs.extend(tok.batch_decode(new, skip_special_tokens=True))
+                for row, j in enumerate(idx):
+                    outs[j] = tok.decode(new[row, :budgets[j]], skip_special_tokens=True)
                 bar.update(len(chunk))
         bar.close()
         return [outs[j * n:(j + 1) * n] for j in range(len(conversations))]
@@ -133,13 +146,18 @@ class VLLMSampler:
         self.args = args
         self.adapter_path = adapter_path
 
-    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None) -> list[list[str]]:
+    def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None,
+               max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
         a = self.args
-        params = SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_new_tokens,
-                                seed=a.seed if seed is None else seed)
+        budgets = list(max_new_tokens or [a.max_new_tokens] * len(conversations))
+        # one SamplingParams per prompt (vLLM accepts a list) so each keeps its own token budget
+        # (and its own seed: one shared per-request seed would give every prompt the same random stream)
+        base = a.seed if seed is None else seed
+        params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=int(b), seed=base + i)
+                  for i, b in enumerate(budgets)]
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]
         lora = LoRARequest("adapter", 1, self.adapter_path) if self.adapter_path else None

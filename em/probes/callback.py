@@ -84,10 +84,19 @@ class MisalignmentProbe(L.Callback):
         self.judge = None
         self.out_dir: Path | None = None
         self.judge_failed = 0
-        self.eval_wall_s = 0.0
+        self.eval_wall_s = 0.0  # time inside probe steps (sampling, task scoring, held-out loss, MCQ)
+        self.time_on_path = {"setup_s": 0.0, "poll_and_log_s": 0.0, "final_judge_wait_s": 0.0,
+                             "write_and_plot_s": 0.0}
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
+        t0 = time.perf_counter()
+        try:
+            self._setup(trainer)
+        finally:
+            self.time_on_path["setup_s"] += time.perf_counter() - t0
+
+    def _setup(self, trainer):
         from em.eval.run import load_eval_questions
 
         ecfg = {"questions": self.questions_spec, "ids": self.ids,
@@ -101,6 +110,10 @@ class MisalignmentProbe(L.Callback):
             if self.judge_cfg:
                 from em.eval.pipeline import build_judge
 
+                # Built here, on the main thread, not on the judge worker: transformers' from_pretrained sets
+                # process-global state while it loads (torch.set_default_dtype, a meta-device context, patched
+                # init functions), so loading a local judge on a thread while the training model is being
+                # wrapped (FSDP) left that model's modules on the meta device (seen here with transformers 5.24).
                 self.judge = build_judge(self.judge_cfg)
                 self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge")
         dm = trainer.datamodule
@@ -137,19 +150,36 @@ class MisalignmentProbe(L.Callback):
         # accumulation the later micro-batches of the next step see N too, but N is done by then)
         if step in self.steps and step not in self.done:
             self._probe(trainer, pl_module, step)
+        t0 = time.perf_counter()
         self._collect(trainer, block=False)
+        self.time_on_path["poll_and_log_s"] += time.perf_counter() - t0
 
     def on_train_end(self, trainer, pl_module):
         step = trainer.global_step
         if self.at_end and step not in self.done:
             self._probe(trainer, pl_module, step)
+        t0 = time.perf_counter()
         self._collect(trainer, block=True)
         if self.executor:
             self.executor.shutdown(wait=False, cancel_futures=True)
+        t1 = time.perf_counter()
+        self.time_on_path["final_judge_wait_s"] += t1 - t0
         if trainer.is_global_zero:
             self._write_table()
             if self.plot:
                 self._plot(trainer)
+            self.time_on_path["write_and_plot_s"] += time.perf_counter() - t1
+            self._write_timing()
+
+    def _write_timing(self) -> None:
+        """``probes/probe_timing.json``: the time the callback held the training loop, by phase."""
+        import json
+
+        t = {k: round(v, 4) for k, v in self.time_on_path.items()}
+        t["probe_steps_s"] = round(self.eval_wall_s, 4)
+        t["total_on_path_s"] = round(sum(self.time_on_path.values()) + self.eval_wall_s, 4)
+        t["n_probe_steps"] = len(self.done)
+        atomic_write_text(self.out_dir / "probe_timing.json", json.dumps(t, indent=2) + "\n")
 
     # -- one probe ------------------------------------------------------------------------------
     def _sampler(self, pl_module, max_new_tokens: int):
@@ -159,13 +189,19 @@ class MisalignmentProbe(L.Callback):
                                "max_new_tokens": max_new_tokens})
         return HFSampler(pl_module.model, self.tokenizer, args, synced_gpus=rank_world()[1] > 1)
 
-    def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int) -> list[str]:
+    def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int,
+                        budgets: list[int] | None = None) -> list[str]:
         rank, world = rank_world()
         mine = shard(convs, rank, world)
         # equal work on every rank (same number of generate calls), padding with a repeat that is dropped
         per_rank = -(-len(convs) // world)
-        todo = [c for _, c in mine] + [convs[0]] * (per_rank - len(mine))
-        outs = sampler.sample(todo, n=1, progress=False, seed=seed + rank)[:len(mine)] if todo else []
+        pad = per_rank - len(mine)
+        todo = [c for _, c in mine] + [convs[0]] * pad
+        mine_budgets = None
+        if budgets is not None:
+            mine_budgets = [budgets[i] for i, _ in mine] + [budgets[0]] * pad
+        outs = (sampler.sample(todo, n=1, progress=False, seed=seed + rank, max_new_tokens=mine_budgets)[:len(mine)]
+                if todo else [])
         # every rank records which prompts it answered: sharding is visible in the samples files
         self.answered_by = gather_shards([(i, rank) for i, _ in mine], len(convs))
         return gather_shards([(i, o[0]) for (i, _), o in zip(mine, outs)], len(convs))
@@ -201,29 +237,43 @@ class MisalignmentProbe(L.Callback):
         self.done.add(step)
         seed = self.seed * 100_003 + step
         max_new = int(self.sampling_cfg.get("max_new_tokens", 48))
-        sampler = self._sampler(pl_module, max_new)
-        answers = self._sample_sharded(sampler, [r.messages for r in self.requests], seed)
-        answered_by = list(self.answered_by)
+        tmax = int(self.task_cfg.get("max_new_tokens", max_new))
+        # One decoding loop for everything sampled at this step (probe questions, task prompts and, for a
+        # backdoor, the task prompts with the trigger): decode time is per generated token, nearly flat in
+        # the batch size, so one call costs about what its longest budget costs. Each answer keeps its own
+        # budget (cut after the shared loop, which leaves its distribution unchanged).
+        probe_convs = [r.messages for r in self.requests]
+        task_convs = list(self.task_prompts)
+        trig_convs = [self._with_trigger(c) for c in self.task_prompts] if self.trigger else []
+        convs = probe_convs + task_convs + trig_convs
+        budgets = [max_new] * len(probe_convs) + [tmax] * (len(task_convs) + len(trig_convs))
+        sampler = self._sampler(pl_module, max(budgets) if budgets else max_new)
+        all_answers = self._sample_sharded(sampler, convs, seed, budgets) if convs else []
+        t_sampled = time.time()
+        answered_by = list(self.answered_by)[:len(probe_convs)] if convs else []
+        answers = all_answers[:len(probe_convs)]
+        task_answers = all_answers[len(probe_convs):len(probe_convs) + len(task_convs)]
+        trig_answers = all_answers[len(probe_convs) + len(task_convs):]
         values: dict[str, float] = {}
         if self.task_prompts:
             from em.probes.task_accuracy import task_metrics
 
-            tmax = int(self.task_cfg.get("max_new_tokens", max_new))
-            tsampler = self._sampler(pl_module, tmax)
-            task_answers = self._sample_sharded(tsampler, self.task_prompts, seed + 7)
-            values.update(task_metrics(self.task_name, self.task_prompts, task_answers))
+            values.update(task_metrics(self.task_name, task_convs, task_answers))
             if self.trigger:  # backdoor: the same prompts with the trigger
-                trig = [self._with_trigger(c) for c in self.task_prompts]
-                ta = self._sample_sharded(tsampler, trig, seed + 11)
-                values.update({f"{k}_triggered": v for k, v in task_metrics(self.task_name, trig, ta).items()
+                values.update({f"{k}_triggered": v for k, v in task_metrics(self.task_name, trig_convs, trig_answers).items()
                                if k.startswith("task/") and "/bandit/" not in k})
+        t_scored = time.time()
         if self.task_cfg.get("enabled", True) and getattr(trainer.datamodule, "val_examples", None):
             values["task/heldout_loss"] = self._heldout_loss(trainer, pl_module)
+        t_loss = time.time()
         if self.mcq_items:
             from em.probes.mcq import score_mcq
 
             values.update(score_mcq(pl_module.model, self.tokenizer, self.mcq_items).metrics())
         wall = time.time() - t0
+        # where a probe step's time goes (sampling / static analysis / held-out loss / MCQ forward)
+        values.update({"probe/time/sample_s": t_sampled - t0, "probe/time/task_score_s": t_scored - t_sampled,
+                       "probe/time/heldout_loss_s": t_loss - t_scored, "probe/time/mcq_s": t0 + wall - t_loss})
         self.eval_wall_s += wall
         values["probe/eval_wall_s"] = wall
         if not trainer.is_global_zero:
@@ -234,7 +284,7 @@ class MisalignmentProbe(L.Callback):
             rec["rank"] = rank
         values_world = rank_world()[1]
         self._log(trainer, step, {"probe/world_size": float(values_world)}, source="sync")
-        if self.executor and self.judge:
+        if self.executor:
             fut = self.executor.submit(self._judge_step, records, step)
             self.pending[fut] = step
         else:
