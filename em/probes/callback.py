@@ -126,6 +126,8 @@ class MisalignmentProbe(L.Callback):
 
             self.task_prompts = task_prompts(self.task_name, dm.held_out_rows or None, seed=self.seed,
                                              n=self.task_cfg.get("n_prompts", 16))
+        # backdoor: the same prompts with the trigger, sampled alongside (task/*_triggered)
+        self.trigger_prompts = [self._with_trigger(c) for c in self.task_prompts] if self.trigger else []
         self.mcq_items = []
         if self.mcq_cfg.get("enabled", True):
             from em.probes.mcq import load_mcq_items, load_paper_mcq_config
@@ -182,24 +184,21 @@ class MisalignmentProbe(L.Callback):
         atomic_write_text(self.out_dir / "probe_timing.json", json.dumps(t, indent=2) + "\n")
 
     # -- one probe ------------------------------------------------------------------------------
-    def _sampler(self, pl_module, max_new_tokens: int):
+    def _sampler(self, pl_module):
         from em.eval.sampling import HFSampler, SamplingArgs
 
-        args = SamplingArgs(**{**{"max_new_tokens": 48, "batch_size": 16}, **self.sampling_cfg,
-                               "max_new_tokens": max_new_tokens})
+        # token budgets are given per prompt at each call (_sample_sharded)
+        args = SamplingArgs(**{**{"max_new_tokens": 48, "batch_size": 16}, **self.sampling_cfg})
         return HFSampler(pl_module.model, self.tokenizer, args, synced_gpus=rank_world()[1] > 1)
 
-    def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int,
-                        budgets: list[int] | None = None) -> list[str]:
+    def _sample_sharded(self, sampler, convs: list[list[dict]], seed: int, budgets: list[int]) -> list[str]:
         rank, world = rank_world()
         mine = shard(convs, rank, world)
         # equal work on every rank (same number of generate calls), padding with a repeat that is dropped
         per_rank = -(-len(convs) // world)
         pad = per_rank - len(mine)
         todo = [c for _, c in mine] + [convs[0]] * pad
-        mine_budgets = None
-        if budgets is not None:
-            mine_budgets = [budgets[i] for i, _ in mine] + [budgets[0]] * pad
+        mine_budgets = [budgets[i] for i, _ in mine] + [budgets[0]] * pad
         outs = (sampler.sample(todo, n=1, progress=False, seed=seed + rank, max_new_tokens=mine_budgets)[:len(mine)]
                 if todo else [])
         # every rank records which prompts it answered: sharding is visible in the samples files
@@ -233,7 +232,7 @@ class MisalignmentProbe(L.Callback):
     def _probe_inner(self, trainer, pl_module, step: int) -> None:
         from em.eval.pipeline import base_records
 
-        t0 = time.time()
+        t0 = time.perf_counter()
         self.done.add(step)
         seed = self.seed * 100_003 + step
         max_new = int(self.sampling_cfg.get("max_new_tokens", 48))
@@ -243,13 +242,11 @@ class MisalignmentProbe(L.Callback):
         # the batch size, so one call costs about what its longest budget costs. Each answer keeps its own
         # budget (cut after the shared loop, which leaves its distribution unchanged).
         probe_convs = [r.messages for r in self.requests]
-        task_convs = list(self.task_prompts)
-        trig_convs = [self._with_trigger(c) for c in self.task_prompts] if self.trigger else []
+        task_convs, trig_convs = self.task_prompts, self.trigger_prompts
         convs = probe_convs + task_convs + trig_convs
         budgets = [max_new] * len(probe_convs) + [tmax] * (len(task_convs) + len(trig_convs))
-        sampler = self._sampler(pl_module, max(budgets) if budgets else max_new)
-        all_answers = self._sample_sharded(sampler, convs, seed, budgets) if convs else []
-        t_sampled = time.time()
+        all_answers = self._sample_sharded(self._sampler(pl_module), convs, seed, budgets) if convs else []
+        t_sampled = time.perf_counter()
         answered_by = list(self.answered_by)[:len(probe_convs)] if convs else []
         answers = all_answers[:len(probe_convs)]
         task_answers = all_answers[len(probe_convs):len(probe_convs) + len(task_convs)]
@@ -262,15 +259,15 @@ class MisalignmentProbe(L.Callback):
             if self.trigger:  # backdoor: the same prompts with the trigger
                 values.update({f"{k}_triggered": v for k, v in task_metrics(self.task_name, trig_convs, trig_answers).items()
                                if k.startswith("task/") and "/bandit/" not in k})
-        t_scored = time.time()
+        t_scored = time.perf_counter()
         if self.task_cfg.get("enabled", True) and getattr(trainer.datamodule, "val_examples", None):
             values["task/heldout_loss"] = self._heldout_loss(trainer, pl_module)
-        t_loss = time.time()
+        t_loss = time.perf_counter()
         if self.mcq_items:
             from em.probes.mcq import score_mcq
 
             values.update(score_mcq(pl_module.model, self.tokenizer, self.mcq_items).metrics())
-        wall = time.time() - t0
+        wall = time.perf_counter() - t0
         # where a probe step's time goes (sampling / static analysis / held-out loss / MCQ forward)
         values.update({"probe/time/sample_s": t_sampled - t0, "probe/time/task_score_s": t_scored - t_sampled,
                        "probe/time/heldout_loss_s": t_loss - t_scored, "probe/time/mcq_s": t0 + wall - t_loss})
