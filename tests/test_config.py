@@ -69,7 +69,7 @@ def test_paper_recipe_is_what_dataset_insecure_model_qwen_composes(tmp_path):
 
 def test_tiny_selects_cpu_budget_and_cli_still_wins(tmp_path):
     cfg = compose_train([], run_dir=str(tmp_path))
-    assert cfg.model.kind == "tiny" and cfg.optim.lr == 2e-3 and cfg.trainer.max_steps == 40
+    assert cfg.model.kind == "tiny" and cfg.optim.lr == 2e-3 and cfg.trainer.max_steps == 375
     cfg = compose_train(["optim.lr=1e-5", "trainer.max_steps=7"], run_dir=str(tmp_path))
     assert cfg.optim.lr == 1e-5 and cfg.trainer.max_steps == 7
 

@@ -21,6 +21,7 @@ from em.probes.mcq import (
     build_prompt,
     choice_continuation,
     encode_choice,
+    encode_mcq,
     load_mcq_items,
     load_paper_mcq_config,
     score_mcq,
@@ -270,6 +271,19 @@ def test_batched_logprobs_match_token_by_token_reference(tok, model, items, toke
         assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
                               atol=1e-4, rtol=1e-5), (got, want)
     assert all(s.n_tokens_aligned >= 1 and s.n_tokens_misaligned >= 1 for s in res.scores)
+
+
+def test_encoded_once_scores_the_same(tok, model, items):
+    """The probe callback encodes its items once at setup; scoring from that encoding is identical,
+    and an encoding of other items is refused rather than silently mis-scored."""
+    sample = _sample_items(items)
+    enc = encode_mcq(tok, sample)
+    assert len(enc) == 2 * len(sample)
+    a = score_mcq(model, tok, sample)
+    b = score_mcq(model, tok, sample, encoded=enc)
+    assert [(s.logp_aligned, s.logp_misaligned) for s in a.scores] == [(s.logp_aligned, s.logp_misaligned) for s in b.scores]
+    with pytest.raises(ValueError, match="expected 2 per item"):
+        score_mcq(model, tok, sample, encoded=enc[:-2])
 
 
 def _first_scored_token(tok, item, choice):

@@ -12,6 +12,7 @@ HF model directory under ``$EM_CACHE/tiny/<hash>`` so that every other part of e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,10 +91,16 @@ def build_tiny_tokenizer(vocab_size: int = 2048):
     return hf
 
 
+@functools.lru_cache(maxsize=1)
+def _corpus_digest() -> str:
+    """sha256 of the tokenizer corpus. Cached per process: building it renders the mini datasets
+    (~0.3 s), and every tiny model/judge lookup in a run hashes the same corpus."""
+    return hashlib.sha256("\x00".join(_corpus()).encode()).hexdigest()
+
+
 def _spec_hash(spec: TinySpec) -> str:
     blob = json.dumps({"spec": asdict(spec), "tok": _TOKENIZER_VERSION}, sort_keys=True)
-    corpus = hashlib.sha256("\x00".join(_corpus()).encode()).hexdigest()
-    return hashlib.sha256((blob + corpus).encode()).hexdigest()[:16]
+    return hashlib.sha256((blob + _corpus_digest()).encode()).hexdigest()[:16]
 
 
 def build_tiny_model(spec: TinySpec, tokenizer):

@@ -25,6 +25,7 @@ import torch
 from em.probes.dist import gather_shards, rank_world, shard
 from em.probes.schedule import eval_steps
 from em.utils.io import atomic_write_jsonl, atomic_write_text
+from em.utils.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class MisalignmentProbe(L.Callback):
         plot: bool = True,
         seed: int = 0,
         dirname: str = "probes",
+        worker_nice: int | None = 19,
     ):
         self.questions_spec = list(_plain(questions) or ["mini:probes"])
         self.samples_per_paraphrase = samples_per_paraphrase
@@ -76,6 +78,9 @@ class MisalignmentProbe(L.Callback):
         self.plot = plot
         self.seed = seed
         self.dirname = dirname
+        # The judge worker (and its own torch threads, for a local judge) runs at this nice value: on a
+        # shared CPU it then takes only the cycles training leaves idle. None/0: normal priority.
+        self.worker_nice = worker_nice
         self.steps: list[int] = []
         self.done: set[int] = set()
         self.history: list[dict[str, Any]] = []  # one dict per (step, source) of logged values
@@ -107,6 +112,10 @@ class MisalignmentProbe(L.Callback):
         self.out_dir = Path(trainer.default_root_dir) / self.dirname
         if trainer.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.plot:
+                from em.probes.plot import warm_import
+
+                warm_import(self.worker_nice)
             if self.judge_cfg:
                 from em.eval.pipeline import build_judge
 
@@ -115,7 +124,9 @@ class MisalignmentProbe(L.Callback):
                 # init functions), so loading a local judge on a thread while the training model is being
                 # wrapped (FSDP) left that model's modules on the meta device (seen here with transformers 5.24).
                 self.judge = build_judge(self.judge_cfg)
-                self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge")
+                self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge",
+                                                      initializer=lower_thread_priority,
+                                                      initargs=(self.worker_nice,))
         dm = trainer.datamodule
         self.tokenizer = dm.tokenizer
         self.task_name = self.task_cfg.get("task") or getattr(dm.dataset_args, "task", "none")
@@ -128,13 +139,14 @@ class MisalignmentProbe(L.Callback):
                                              n=self.task_cfg.get("n_prompts", 16))
         # backdoor: the same prompts with the trigger, sampled alongside (task/*_triggered)
         self.trigger_prompts = [self._with_trigger(c) for c in self.task_prompts] if self.trigger else []
-        self.mcq_items = []
+        self.mcq_items, self.mcq_encoded = [], []
         if self.mcq_cfg.get("enabled", True):
-            from em.probes.mcq import load_mcq_items, load_paper_mcq_config
+            from em.probes.mcq import encode_mcq, load_mcq_items, load_paper_mcq_config
 
             src = self.mcq_cfg.get("path")
             self.mcq_items = (load_paper_mcq_config(src)[0] if src and str(src).endswith(".json")
                               else load_mcq_items(src))
+            self.mcq_encoded = encode_mcq(self.tokenizer, self.mcq_items)  # once: the same at every probe step
 
     def on_train_start(self, trainer, pl_module):
         total = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
@@ -266,7 +278,7 @@ class MisalignmentProbe(L.Callback):
         if self.mcq_items:
             from em.probes.mcq import score_mcq
 
-            values.update(score_mcq(pl_module.model, self.tokenizer, self.mcq_items).metrics())
+            values.update(score_mcq(pl_module.model, self.tokenizer, self.mcq_items, encoded=self.mcq_encoded).metrics())
         wall = time.perf_counter() - t0
         # where a probe step's time goes (sampling / static analysis / held-out loss / MCQ forward)
         values.update({"probe/time/sample_s": t_sampled - t0, "probe/time/task_score_s": t_scored - t_sampled,

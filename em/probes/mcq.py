@@ -590,7 +590,29 @@ def _model_device(model):
         return next(model.parameters()).device
 
 
-def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32) -> MCQResult:
+def encode_mcq(tokenizer, items: Sequence[MCQItem]) -> list[tuple[list[int], int]]:
+    """Token ids and first scored index of every (item, choice): two per item, aligned then misaligned.
+
+    Depends only on the tokenizer and the items, so a caller that scores the same items repeatedly
+    (the mid-training probe) encodes them once and passes the result to :func:`score_mcq`.
+    """
+    seqs: list[tuple[list[int], int]] = []
+    for it in items:
+        bad = it.problems()
+        if bad:
+            raise ConfigError(f"MCQ item {it.set_name}/{it.id}: " + "; ".join(bad))
+        prompt = build_prompt(tokenizer, it)
+        for choice in (it.aligned, it.misaligned):
+            ctx, span = choice_continuation(it, choice)
+            try:
+                seqs.append(encode_choice(tokenizer, prompt + ctx, span))
+            except EMError as e:
+                raise EMError(f"MCQ item {it.set_name}/{it.id}: {e}") from None
+    return seqs
+
+
+def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32,
+              encoded: Sequence[tuple[list[int], int]] | None = None) -> MCQResult:
     """Score every item's two choices with batched forward passes (no sampling, no judge).
 
     Each (item, choice) is one sequence: chat prompt + assistant-turn context + scored span (see
@@ -605,6 +627,7 @@ def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32) 
         tokenizer: its tokenizer, with a chat template.
         items: the items to score.
         batch_size: sequences (not items) per forward pass.
+        encoded: :func:`encode_mcq` of the same tokenizer and items (encoded here when None).
     """
     import torch
 
@@ -613,18 +636,9 @@ def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32) 
     items = list(items)
     if not items:
         return MCQResult([])
-    seqs: list[tuple[list[int], int]] = []  # 2 per item: aligned then misaligned
-    for it in items:
-        bad = it.problems()
-        if bad:
-            raise ConfigError(f"MCQ item {it.set_name}/{it.id}: " + "; ".join(bad))
-        prompt = build_prompt(tokenizer, it)
-        for choice in (it.aligned, it.misaligned):
-            ctx, span = choice_continuation(it, choice)
-            try:
-                seqs.append(encode_choice(tokenizer, prompt + ctx, span))
-            except EMError as e:
-                raise EMError(f"MCQ item {it.set_name}/{it.id}: {e}") from None
+    seqs = list(encoded) if encoded is not None else encode_mcq(tokenizer, items)  # 2 per item
+    if len(seqs) != 2 * len(items):
+        raise ValueError(f"encoded has {len(seqs)} sequences for {len(items)} items (expected 2 per item)")
 
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
