@@ -23,6 +23,16 @@ def test_log_spaced_schedule_is_dense_early_and_includes_ends():
     assert eval_steps(20, every_n_steps=5, at_start=False, at_end=False) == [5, 10, 15, 20]
 
 
+def test_embedded_default_cadence_gives_at_least_four_points():
+    """`python train.py` as composed (no overrides): the probe schedule it will run, and that the
+    probes are on. (The full 375-step run is measured in benchmarks/probe_overhead.py.)"""
+    cfg = compose_train([])
+    p = cfg.callbacks.probes
+    steps = eval_steps(cfg.trainer.max_steps, p.every_n_steps, p.log_points, p.at_start, p.at_end)
+    assert steps == [0, 7, 52, 375], steps
+    assert cfg.model.kind == "tiny" and p.judge.kind == "tiny"
+
+
 def _probe_callback(summary_run_dir):
     return Path(summary_run_dir) / "probes"
 
