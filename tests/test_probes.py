@@ -200,3 +200,42 @@ def test_backdoor_probe_samples_task_prompts_with_and_without_trigger_in_one_loo
     with open(tmp_path / "probes" / "probe_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(r["task/insecure_rate_triggered"] != "" and r["task/insecure_rate"] != "" for r in rows)
+
+
+def test_wandb_offline_run_holds_probe_values_samples_table_and_plot(tmp_path, monkeypatch):
+    """`logger=wandb` (offline): the probe/task values logged at their sampling step (probe/step axis)
+    equal the CSV's, each probe step's sampled answers are a W&B table file, and the plot is logged."""
+    import json
+
+    from em.utils.wandb_offline import find_run_file, history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    train(compose_train([
+        "logger=wandb", "trainer.max_steps=4", "trainer.enable_progress_bar=false",
+        "callbacks.probes.log_points=null", "callbacks.probes.every_n_steps=2",
+        "callbacks.probes.ids=[genie_wish,feeling_bored]", "callbacks.probes.sampling.max_new_tokens=6",
+        "callbacks.probes.task.n_prompts=4", "callbacks.probes.task.max_new_tokens=6",
+    ], run_dir=str(run_dir)))
+    with open(run_dir / "probes" / "probe_metrics.csv") as f:
+        csv_rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert sorted(csv_rows) == [0, 2, 4]
+    h = history(find_run_file(run_dir))
+    for key in ("probe/mcq/p_misaligned", "task/insecure_rate", "task/heldout_loss", "probe/n_answers"):
+        got = {int(r["probe/step"]): r[key] for r in h if key in r}
+        assert sorted(got) == [0, 2, 4], (key, got)
+        for step, v in got.items():
+            assert math.isclose(float(v), float(csv_rows[step][key]), rel_tol=1e-6, abs_tol=1e-9), (key, step)
+    # (the reader flattens a logged media dict into "<key>/<field>" entries)
+    tables = [r for r in h if "probe/samples/path" in r]
+    assert sorted(int(r["probe/step"]) for r in tables) == [0, 2, 4]
+    files_dir = find_run_file(run_dir).parent / "files"
+    for r in tables:
+        assert r["probe/samples/_type"] == "table-file"
+        body = json.loads((files_dir / r["probe/samples/path"]).read_text())
+        assert body["columns"][:3] == ["step", "question_id", "answer"]
+        n = sum(1 for _ in open(run_dir / "probes" / f"samples_step{int(r['probe/step']):06d}.jsonl"))
+        assert len(body["data"]) == n == r["probe/samples/nrows"] > 0
+        assert all(row[0] == int(r["probe/step"]) for row in body["data"])
+    plots = [r for r in h if "probe/dynamics/path" in r]
+    assert len(plots) == 1 and (files_dir / plots[0]["probe/dynamics/path"]).stat().st_size > 10_000
