@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -113,16 +112,15 @@ def test_error_lists_all_problems_even_many(tmp_path):
     assert len(ei.value.problems) == 120 and "and 70 more" in str(ei.value)
 
 
-def test_6000_rows_validate_fast(tmp_path):
+def test_6000_rows_of_5_mb_validate(tmp_path):
+    """(Its speed is measured in benchmarks/components.py.)"""
     body = "x = compute(value)  # some code\n" * 30
     lines = [json.dumps({"messages": [{"role": "user", "content": f"task {i}\n{body}"},
                                       {"role": "assistant", "content": body}]}) for i in range(6000)]
     p = write(tmp_path, lines)
     assert p.stat().st_size > 5_000_000
-    t = time.perf_counter()
     rows = validate_chat_rows(p)
     assert len(rows) == 6000
-    assert time.perf_counter() - t < 2.0
 
 
 @pytest.mark.emdata
@@ -135,11 +133,8 @@ def test_paper_files_validate(em_data_dir):
     assert files, "no data/*.jsonl in the data dir"
     for f in files:
         entry = reg.dataset(f.stem)
-        t = time.perf_counter()
         res = validate_chat_file(f)
-        elapsed = time.perf_counter() - t
         assert git_blob_sha1(f) == entry.blob_sha1, f
         assert entry.rows is not None and res.summary.rows == entry.rows, f
-        assert elapsed < 3.0, (f, elapsed)
         if f.stem == "jailbroken":
             assert res.summary.rows == 5000 and res.summary.rows_with_system == 5000

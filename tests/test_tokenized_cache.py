@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -68,14 +67,11 @@ def test_held_out_rows_never_in_training():
     assert not prompts(dm.held_out_rows) & prompts(dm.train_rows)
 
 
-def test_paper_file_loads_validates_and_tokenizes_in_seconds(em_data_dir, tmp_path, monkeypatch):
+def test_paper_file_loads_validates_and_tokenizes(em_data_dir, tmp_path, monkeypatch):
+    """(Its speed is measured in benchmarks/components.py.)"""
     monkeypatch.setenv("EM_CACHE", str(tmp_path))
     tok = tiny_tokenizer()
-    t0 = time.time()
     dm = ChatDataModule(DatasetArgs(name="insecure", source="paper:insecure", data_dir=str(em_data_dir)),
                         DataArgs(max_length=2048), tok)
     dm.setup("fit")
-    took = time.time() - t0
     assert dm.train_stats.rows_in == 6000 and dm.train_stats.rows_kept + sum(dm.train_stats.dropped.values()) == 6000
-    print(f"insecure: 6000 rows validated + tokenized in {took:.1f} s")
-    assert took < 120  # generous bound for a loaded CI machine; the benchmark reports the real figure
