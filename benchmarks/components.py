@@ -7,7 +7,7 @@ Reports best-of-``repeats`` seconds (a shared VM's noise only ever adds time) as
 - ``bandit_ms_per_snippet``: static analysis of one code answer (bandit as a library, never executed);
 - ``mcq_16_items_s``: the judge-free MCQ probe over em's 16 packaged items on the tiny model, with the
   items encoded at each call and encoded once (what the probe callback does);
-- ``validate_6000_rows_s``: schema validation of 6,000 synthetic chat rows (5+ MB);
+- ``validate_6000_rows_s``: schema validation of 6,000 synthetic chat rows (~12.5 MB);
 - with ``EM_DATA_DIR``: ``paper_validate_s`` per file, and ``paper_insecure_validate_tokenize_s`` (6,000 rows,
   validated and tokenized with the tiny tokenizer into an empty cache).
 """

@@ -2,63 +2,83 @@
 
     python benchmarks/probe_overhead.py [--repeats 3] [extra hydra overrides...]
 
-Runs the default `train.py` config (tiny model, mini insecure set, default probe cadence, offline tiny
-judge) with `callbacks=none` and with `callbacks=probes`, alternating, and reports three views of the
-overhead, because a shared 2-core VM's wall time drifts by tens of percent between runs:
+Runs ``python train.py`` (the default config: tiny model, mini insecure set, default probe cadence,
+offline tiny judge) in fresh processes with ``callbacks=none`` and with the default probes, alternating,
+so every import and set-up cost is counted. A step timer callback (added to both) records each training
+step (batch start to batch end) and the fit loop. A shared 2-core VM's wall time drifts by tens of
+percent between identical runs, so it reports three views:
 
-- **side by side**: fit wall time with probes vs without, per adjacent pair (median) and best-of;
-- **in-run clock**: the time the callback held the training loop (``probes/probe_timing.json``, by phase)
-  over the rest of that same run;
-- **contention**: the mean time of a training step (batch start to batch end, timed by a callback that
-  runs before the probe callback, so probe steps are excluded) with and without probes (best-of runs) --
-  what the background judge worker and the plot-import thread cost the training steps themselves.
+- **own clock**: the time the probe callback held the training loop (``probes/probe_timing.json``, by
+  phase, set-up and imports included) over the rest of that run's fit loop;
+- **contention**: the mean training-step time with and without probes (best-of runs; the steps whose
+  batch end ran a probe are left out) -- what the background judge worker and the plot-import thread
+  cost the training steps themselves;
+- **side by side**: whole-process wall time with vs without probes, per adjacent pair (median) and best-of.
 
-``overhead_fraction_estimate`` = (time on path + extra step time x steps) / best training time without
-probes, from the two robust measurements, is the headline figure; the paired wall ratio is its noisy check.
+``overhead_fraction_estimate`` = (time on path + extra step time x steps) / best fit-loop time without
+probes is the headline figure; the side-by-side ratios are its noisy check.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 
-STEP_TIMES: list[float] = []
+REPO = Path(__file__).resolve().parents[1]
 
 
 class StepTimer(L.Callback):
-    """Time of each training step (forward, backward, optimizer), placed before every other callback."""
+    """Per-step training time and the fit loop's wall time, written to ``<run dir>/step_times.json``."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self._fit_t0 = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        STEP_TIMES.append(time.perf_counter() - self._t0)
+        self.steps.append((trainer.global_step, time.perf_counter() - self._t0))
+
+    def on_train_end(self, trainer, pl_module):
+        out = {"fit_loop_s": time.perf_counter() - self._fit_t0, "steps": self.steps}
+        (Path(trainer.default_root_dir) / "step_times.json").write_text(json.dumps(out))
 
 
-def fit_once(overrides: list[str], run_dir: Path) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
-
-    from em.training.run import train
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"paths.run_dir={run_dir}", "trainer.enable_progress_bar=false"])
-    with open_dict(cfg):  # the step timer first, so its batch-end hook runs before the probe callback's
-        cfg.callbacks = OmegaConf.create({"step_timer": {"_target_": f"{__name__}.StepTimer"},
-                                          **OmegaConf.to_container(cfg.callbacks or {})})
-    STEP_TIMES.clear()
+def run_once(mode: str, overrides: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+           "+callbacks.step_timer._target_=benchmarks.probe_overhead.StepTimer", *overrides]
+    if mode == "none":
+        cmd.insert(2, "callbacks=none")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    s = train(cfg)
-    s["bench_wall_s"] = time.perf_counter() - t0
-    s["step_times"] = list(STEP_TIMES)
-    return s
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")
+    st = json.loads((run_dir / "step_times.json").read_text())
+    probe_steps = set()
+    if mode == "probes":
+        timing = json.loads((run_dir / "probes" / "probe_timing.json").read_text())
+        with open(run_dir / "probes" / "probe_metrics.csv") as f:
+            probe_steps = {int(line.split(",", 1)[0]) for line in list(f)[1:]}
+    else:
+        timing = None
+    # leave out the first two steps (allocator / lazy-init warm-up) and any step whose batch end ran a probe
+    times = [dt for i, (step, dt) in enumerate(st["steps"]) if i >= 2 and step not in probe_steps]
+    return {"wall_s": wall, "fit_loop_s": st["fit_loop_s"], "n_steps": len(st["steps"]),
+            "step_ms": 1e3 * statistics.mean(times), "timing": timing}
 
 
 def main() -> None:
@@ -66,48 +86,38 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    out: dict[str, list[float]] = {"none": [], "probes": []}
-    step_ms: dict[str, list[float]] = {"none": [], "probes": []}
-    timing: list[dict] = []
-    n_steps = 0
+    runs: dict[str, list[dict]] = {"none": [], "probes": []}
     with tempfile.TemporaryDirectory() as tmp:
-        fit_once(["callbacks=none", "trainer.max_steps=2", *a.overrides], Path(tmp) / "warmup")  # tiny model, caches
-        fit_once(["trainer.max_steps=2", *a.overrides], Path(tmp) / "warmup_probes")  # imports of the probe path
+        run_once("none", ["trainer.max_steps=2", *a.overrides], Path(tmp) / "warmup")  # tiny model + caches built
         for r in range(a.repeats):
             for mode in ("none", "probes"):
-                run_dir = Path(tmp) / f"{mode}{r}"
-                s = fit_once([f"callbacks={mode}", *a.overrides], run_dir)
-                out[mode].append(s["bench_wall_s"])
-                # the mean over all steps but the first two (allocator / lazy-init warm-up)
-                step_ms[mode].append(1e3 * statistics.mean(s["step_times"][2:]))
-                n_steps = s["global_step"]
-                if mode == "probes":
-                    t = json.loads((run_dir / "probes" / "probe_timing.json").read_text())
-                    t["run_wall_s"] = s["bench_wall_s"]
-                    timing.append(t)
-    none, probes = statistics.median(out["none"]), statistics.median(out["probes"])
-    paired = [(p - n) / n for p, n in zip(out["probes"], out["none"])]
-    in_run = [t["total_on_path_s"] / (t["run_wall_s"] - t["total_on_path_s"]) for t in timing]
-    on_path = statistics.median(t["total_on_path_s"] for t in timing)
+                runs[mode].append(run_once(mode, a.overrides, Path(tmp) / f"{mode}{r}"))
+                print(f"{mode} {r}: {runs[mode][-1]['wall_s']:.1f} s", file=sys.stderr)
+    none, probes = runs["none"], runs["probes"]
+    on_path = statistics.median(p["timing"]["total_on_path_s"] for p in probes)
+    own_clock = statistics.median(p["timing"]["total_on_path_s"] / (p["fit_loop_s"] + p["timing"]["setup_s"]
+                                                                     - p["timing"]["total_on_path_s"]) for p in probes)
     # best-of: a neighbour on the VM only ever slows a run down, so the least-disturbed run is the estimate
-    step_none, step_probes = min(step_ms["none"]), min(step_ms["probes"])
-    train_none = min(out["none"])  # the least-disturbed run without probes
+    step_none, step_probes = min(r["step_ms"] for r in none), min(r["step_ms"] for r in probes)
+    fit_none = min(r["fit_loop_s"] for r in none)
+    n_steps = probes[0]["n_steps"]
     extra_steps_s = max(0.0, step_probes - step_none) / 1e3 * n_steps
+    paired = [(p["wall_s"] - n["wall_s"]) / n["wall_s"] for p, n in zip(probes, none)]
     result = {
         "steps": n_steps,
-        "overhead_fraction_estimate": round((on_path + extra_steps_s) / train_none, 3),
-        "overhead_fraction_in_run": round(statistics.median(in_run), 3),
+        "overhead_fraction_estimate": round((on_path + extra_steps_s) / fit_none, 3),
+        "overhead_fraction_own_clock": round(own_clock, 3),
+        "callback_on_path_s_median": round(on_path, 3),
+        "fit_loop_s_without_probes_best": round(fit_none, 2),
         "step_ms_without_probes": round(step_none, 2),
         "step_ms_with_probes": round(step_probes, 2),
         "step_time_contention": round(step_probes / step_none - 1, 3),
-        "callback_on_path_s_median": round(on_path, 3),
-        "train_wall_s_without_probes": round(none, 2),
-        "train_wall_s_with_probes": round(probes, 2),
+        "process_wall_s_without_probes_median": round(statistics.median(r["wall_s"] for r in none), 2),
+        "process_wall_s_with_probes_median": round(statistics.median(r["wall_s"] for r in probes), 2),
         "overhead_fraction_side_by_side_paired_median": round(statistics.median(paired), 3),
-        "overhead_fraction_side_by_side_min": round((min(out["probes"]) - min(out["none"])) / min(out["none"]), 3),
-        "callback_time_on_path_s": timing[len(timing) // 2],
-        "runs": out,
-        "step_ms": step_ms,
+        "overhead_fraction_side_by_side_best_of": round(min(r["wall_s"] for r in probes) / min(r["wall_s"] for r in none) - 1, 3),
+        "callback_time_on_path_s": probes[len(probes) // 2]["timing"],
+        "runs": {m: [{k: round(v, 3) for k, v in r.items() if k != "timing"} for r in rs] for m, rs in runs.items()},
     }
     print(json.dumps(result, indent=2))
 

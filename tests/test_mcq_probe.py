@@ -274,7 +274,7 @@ def test_batched_logprobs_match_token_by_token_reference(tok, model, items, toke
 
 def test_encoded_once_scores_the_same(tok, model, items):
     """The probe callback encodes its items once at setup; scoring from that encoding is identical,
-    and an encoding of other items is refused rather than silently mis-scored."""
+    and an encoding with the wrong number of sequences is refused."""
     sample = _sample_items(items)
     enc = encode_mcq(tok, sample)
     assert len(enc) == 2 * len(sample)

@@ -35,14 +35,36 @@ def test_only_the_calling_thread_and_its_children_are_lowered():
     assert _nice() == main_before  # the training thread keeps its priority
 
 
-def test_none_or_zero_changes_nothing():
+def test_none_or_zero_changes_nothing_and_priority_is_never_raised():
     seen = {}
 
     def worker():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # differs from the main thread's
         seen["applied"] = (lower_thread_priority(None), lower_thread_priority(0))
-        seen["nice"] = _nice()
+        seen["after_noop"] = _nice()
+        lower_thread_priority(19)
+        lower_thread_priority(10)  # a lower nice would *raise* priority: kept at 19
+        seen["after_10"] = _nice()
 
     t = threading.Thread(target=worker)
     t.start()
     t.join()
-    assert seen == {"applied": (False, False), "nice": _nice()}
+    assert seen == {"applied": (False, False), "after_noop": 5, "after_10": 19}
+
+
+def test_bad_values_do_not_raise():
+    seen = {}
+    t = threading.Thread(target=lambda: seen.__setitem__("r", lower_thread_priority("high")))  # type: ignore[arg-type]
+    t.start()
+    t.join()
+    assert seen == {"r": False}
+
+
+def test_probe_callback_refuses_a_bad_worker_nice():
+    from em.errors import ConfigError
+    from em.probes.callback import MisalignmentProbe
+
+    for bad in ("high", 25, -1, True):
+        with pytest.raises(ConfigError, match="worker_nice"):
+            MisalignmentProbe(worker_nice=bad)
+    assert MisalignmentProbe(worker_nice=None).worker_nice is None

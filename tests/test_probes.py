@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,19 +52,20 @@ def test_judge_runs_in_background_while_training_advances(tmp_path, monkeypatch)
         instances.append(self)
 
     monkeypatch.setattr(cb_mod.MisalignmentProbe, "__init__", spy_init)
-    import os
-    import sys
-    import threading
+    linux = sys.platform.startswith("linux")  # per-thread nice (the worker's idle priority) is Linux-only
+
+    def nice() -> int | None:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if linux else None
 
     worker_nice = []
     orig_judge_step = cb_mod.MisalignmentProbe._judge_step
 
     def spy_judge_step(self, *a, **k):
-        worker_nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        worker_nice.append(nice())
         return orig_judge_step(self, *a, **k)
 
     monkeypatch.setattr(cb_mod.MisalignmentProbe, "_judge_step", spy_judge_step)
-    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    main_nice = nice()
     with FakeOpenAIServer(delay_s=0.15) as srv:
         cfg = compose_train([
             "trainer.max_steps=12", "trainer.enable_progress_bar=false",
@@ -83,9 +87,9 @@ def test_judge_runs_in_background_while_training_advances(tmp_path, monkeypatch)
     assert any(h["logged_at_step"] > h["step"] for h in judged), [(h["step"], h["logged_at_step"]) for h in judged]
     assert all(h["probe/judge_failed"] == 0 for h in judged)
     # the worker ran at idle priority (worker_nice: 19, Linux), the training thread did not change
-    if sys.platform.startswith("linux"):
+    if linux:
         assert worker_nice and all(n == 19 for n in worker_nice), worker_nice
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+        assert nice() == main_nice
     # the values reached the CSV logger at the sampling step
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("probe/misaligned_rate_pooled")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from em.data import chat as chat_mod

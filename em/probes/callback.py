@@ -80,6 +80,11 @@ class MisalignmentProbe(L.Callback):
         self.dirname = dirname
         # The judge worker (and its own torch threads, for a local judge) runs at this nice value: on a
         # shared CPU it then takes only the cycles training leaves idle. None/0: normal priority.
+        if worker_nice is not None and (isinstance(worker_nice, bool) or not isinstance(worker_nice, int)
+                                        or not 0 <= worker_nice <= 19):
+            from em.errors import ConfigError
+
+            raise ConfigError(f"callbacks.probes.worker_nice={worker_nice!r}: expected an integer 0..19 or null")
         self.worker_nice = worker_nice
         self.steps: list[int] = []
         self.done: set[int] = set()
@@ -115,7 +120,7 @@ class MisalignmentProbe(L.Callback):
             if self.plot:
                 from em.probes.plot import warm_import
 
-                warm_import(self.worker_nice)
+                warm_import()
             if self.judge_cfg:
                 from em.eval.pipeline import build_judge
 

@@ -7,33 +7,27 @@ import threading
 from pathlib import Path
 
 
-def _import_pyplot(nice: int | None) -> None:
-    from em.utils.priority import lower_thread_priority
-
-    lower_thread_priority(nice)
+def _import_matplotlib() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
     except Exception:  # noqa: BLE001 - the plot itself, on the main thread, reports a real failure
         pass
 
 
-def warm_import(nice: int | None = 19) -> threading.Thread:
-    """Import matplotlib (~0.5-0.9 s here) on a daemon thread (at ``nice``) while training runs, so the
-    end-of-training plot does not pay for it on the training path. Only the import: all drawing stays on
-    the calling thread."""
-    t = threading.Thread(target=_import_pyplot, args=(nice,), name="em-plot-import", daemon=True)
+def warm_import() -> threading.Thread:
+    """Import matplotlib (~0.5-0.9 s here) on a daemon thread while training runs, so the end-of-training
+    plot does not pay for it on the training path. Only the import: no backend switch, no pyplot state;
+    all drawing stays on the calling thread."""
+    t = threading.Thread(target=_import_matplotlib, name="em-plot-import", daemon=True)
     t.start()
     return t
 
 
 def plot_probe_history(history: list[dict], out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object-oriented API (Figure + its own Agg canvas at savefig): no pyplot, so no global backend
+    # switch and no figure registry shared with a notebook's own plots.
+    from matplotlib.figure import Figure
 
     def series(key):
         pts = sorted((h["step"], h[key]) for h in history if key in h and not math.isnan(h[key]))
@@ -53,9 +47,10 @@ def plot_probe_history(history: list[dict], out: Path) -> Path | None:
     # fixed margins (in inches, so any panel count fits) instead of tight_layout, which costs a second
     # full draw (~0.3 s here, on the training path at the end of a run)
     height = 2.6 * n
-    fig, axes = plt.subplots(n, 1, figsize=(7, height), sharex=True, squeeze=False,
-                             gridspec_kw={"left": 0.09, "right": 0.98, "top": 1 - 0.3 / height,
-                                          "bottom": 0.55 / height, "hspace": 0.35 * 2.6 / 2.2})
+    fig = Figure(figsize=(7, height))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False,
+                        gridspec_kw={"left": 0.09, "right": 0.98, "top": 1 - 0.3 / height,
+                                     "bottom": 0.55 / height, "hspace": 0.35 * 2.6 / 2.2})
     for ax, (title, keys) in zip(axes[:, 0], panels):
         for k in keys:
             x, y = series(k)
@@ -68,5 +63,4 @@ def plot_probe_history(history: list[dict], out: Path) -> Path | None:
     axes[-1, 0].set_xlabel("optimizer step")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

@@ -24,6 +24,6 @@ def lower_thread_priority(nice: int | None) -> bool:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), int(nice)))
         return True
-    except OSError as e:  # e.g. a sandbox without setpriority: run at normal priority
+    except (OSError, ValueError, TypeError) as e:  # a sandbox without setpriority, a bad value: run as is
         log.debug("could not lower thread priority: %s", e)
         return False
