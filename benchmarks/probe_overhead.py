@@ -77,6 +77,7 @@ def run_once(mode: str, overrides: list[str], run_dir: Path) -> dict:
         timing = None
     # leave out the first two steps (allocator / lazy-init warm-up) and any step whose batch end ran a probe
     times = [dt for i, (step, dt) in enumerate(st["steps"]) if i >= 2 and step not in probe_steps]
+    times = times or [dt for _, dt in st["steps"]]  # (the 2-step warm-up run)
     return {"wall_s": wall, "fit_loop_s": st["fit_loop_s"], "n_steps": len(st["steps"]),
             "step_ms": 1e3 * statistics.mean(times), "timing": timing}
 

@@ -121,17 +121,6 @@ class MisalignmentProbe(L.Callback):
                 from em.probes.plot import warm_import
 
                 warm_import()
-            if self.judge_cfg:
-                from em.eval.pipeline import build_judge
-
-                # Built here, on the main thread, not on the judge worker: transformers' from_pretrained sets
-                # process-global state while it loads (torch.set_default_dtype, a meta-device context, patched
-                # init functions), so loading a local judge on a thread while the training model is being
-                # wrapped (FSDP) left that model's modules on the meta device (seen here with transformers 5.24).
-                self.judge = build_judge(self.judge_cfg)
-                self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge",
-                                                      initializer=lower_thread_priority,
-                                                      initargs=(self.worker_nice,))
         dm = trainer.datamodule
         self.tokenizer = dm.tokenizer
         self.task_name = self.task_cfg.get("task") or getattr(dm.dataset_args, "task", "none")
@@ -153,7 +142,30 @@ class MisalignmentProbe(L.Callback):
                               else load_mcq_items(src))
             self.mcq_encoded = encode_mcq(self.tokenizer, self.mcq_items)  # once: the same at every probe step
 
+    def _build_judge(self, trainer) -> None:
+        """The judge and its background worker (rank 0), once the training model is built and wrapped.
+
+        On the main thread, not on the judge worker: transformers' from_pretrained sets process-global
+        state while it loads (torch.set_default_dtype, a meta-device context, patched init functions), so
+        loading a local judge on a thread while the training model was being wrapped (FSDP) left that
+        model's modules on the meta device (seen with transformers 5.24). After the model is built rather
+        than at ``setup``: the imports and one-time transformers set-up a local judge shares with the
+        training model are then paid by the model, and the probe's clock shows its own cost.
+        """
+        if not (trainer.is_global_zero and self.judge_cfg) or self.executor is not None:
+            return
+        from em.eval.pipeline import build_judge
+
+        self.judge = build_judge(self.judge_cfg)
+        self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge",
+                                              initializer=lower_thread_priority, initargs=(self.worker_nice,))
+
     def on_train_start(self, trainer, pl_module):
+        t0 = time.perf_counter()
+        try:
+            self._build_judge(trainer)
+        finally:
+            self.time_on_path["setup_s"] += time.perf_counter() - t0
         total = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
                     else trainer.estimated_stepping_batches)
         self.steps = eval_steps(total, self.every_n_steps, self.log_points, self.at_start, self.at_end)
