@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 
 def best_of(fn, repeats: int) -> float:
@@ -94,18 +95,10 @@ def bench_paper(repeats: int) -> dict:
     tok = AutoTokenizer.from_pretrained(materialize_tiny())
 
     def tokenize_fresh():
-        with tempfile.TemporaryDirectory() as cache:
-            old = os.environ.get("EM_CACHE")
-            os.environ["EM_CACHE"] = cache
-            try:
-                dm = ChatDataModule(DatasetArgs(name="insecure", source="paper:insecure", data_dir=data_dir),
-                                    DataArgs(max_length=2048), tok)
-                dm.setup("fit")
-            finally:
-                if old is None:
-                    os.environ.pop("EM_CACHE", None)
-                else:
-                    os.environ["EM_CACHE"] = old
+        with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"EM_CACHE": cache}):
+            dm = ChatDataModule(DatasetArgs(name="insecure", source="paper:insecure", data_dir=data_dir),
+                                DataArgs(max_length=2048), tok)
+            dm.setup("fit")
     out["paper_insecure_validate_tokenize_s"] = round(best_of(tokenize_fresh, repeats), 2)
     return out
 

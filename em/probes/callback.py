@@ -79,7 +79,7 @@ class MisalignmentProbe(L.Callback):
         self.seed = seed
         self.dirname = dirname
         # The judge worker (and its own torch threads, for a local judge) runs at this nice value: on a
-        # shared CPU it then takes only the cycles training leaves idle. None/0: normal priority.
+        # shared CPU it then yields to the training threads. None/0: normal priority.
         if worker_nice is not None and (isinstance(worker_nice, bool) or not isinstance(worker_nice, int)
                                         or not 0 <= worker_nice <= 19):
             from em.errors import ConfigError
