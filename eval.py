@@ -9,6 +9,7 @@ Thin wrapper: compose the config, call `em.eval.run.evaluate(cfg)`.
 import hydra
 from omegaconf import DictConfig
 
+import em.schemas  # noqa: F401  (the config schemas, registered with Hydra)
 from em.cli_common import friendly_errors, quiet_third_party
 
 

@@ -14,6 +14,7 @@ Hydra callback (em.sweep.summary.SweepSummary).
 import hydra
 from omegaconf import DictConfig
 
+import em.schemas  # noqa: F401  (the config schemas, registered with Hydra)
 from em.cli_common import friendly_errors, quiet_third_party
 from em.sweep.job import register_resolvers, run_job
 

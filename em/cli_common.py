@@ -6,6 +6,10 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
 
 
 def quiet_third_party() -> None:
@@ -28,3 +32,35 @@ def friendly_errors(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be created and written (its nearest existing ancestor is a file, or not writable),
+    or None when it can."""
+    p = Path(path).expanduser().absolute()
+    for a in (p, *p.parents):
+        if a.exists():
+            if not a.is_dir():
+                return f"{a} is a file, not a directory"
+            if not os.access(a, os.W_OK | os.X_OK):
+                return f"{a} is not writable"
+            return None
+    return None
+
+
+class CheckOutputDir(Callback):
+    """Hydra callback: before Hydra creates the run (or sweep) dir, check it can be written, and say what to do
+    in em's words instead of Hydra's traceback (``conf/hydra/default.yaml``)."""
+
+    def _check(self, path: Any) -> None:
+        why = unwritable_reason(str(path))
+        if why:
+            print(f"\nem: error: cannot write the output dir {path}: {why}. Set paths.output_root=<a writable "
+                  f"dir> (or $EM_OUTPUT_DIR).", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)

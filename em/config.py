@@ -1,4 +1,4 @@
-"""Config plumbing: OmegaConf sections -> typed dataclasses, and secrets kept out of saved configs."""
+"""Config plumbing: typed sections checked and converted, and secrets kept out of saved configs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dataclasses
 import re
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from em.errors import ConfigError
 
@@ -42,3 +43,42 @@ def redact(obj: Any) -> Any:
 def plain(cfg: DictConfig) -> dict:
     """Resolved, redacted plain dict of a config (for results.json, W&B, logs)."""
     return redact(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+
+
+def _check_node(node: Any, where: str) -> None:
+    if isinstance(node, DictConfig):
+        cls = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(cls):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = [str(k) for k in node.keys() if k not in known]
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {unknown}; {cls.__name__} takes "
+                                  f"{sorted(k for k in known if not k.startswith('_'))}")
+        for k in node.keys():
+            child = node._get_node(k)
+            if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
+                _check_node(child, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node._iter_ex(resolve=False)):
+            _check_node(child, f"{where}[{i}]")
+
+
+def check_keys(cfg: DictConfig, sections: dict[str, type], top_level: frozenset[str] | None = None) -> None:
+    """Refuse keys that no schema has, naming them (the typed sections, and the top level when given)."""
+    if top_level is not None:
+        unknown = sorted(str(k) for k in cfg.keys() if k not in top_level and k not in sections)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {unknown}; expected sections {sorted(sections)} and keys "
+                              f"{sorted(top_level - {'hydra'})}")
+    for name in sections:
+        if name in cfg:
+            _check_node(cfg._get_node(name), name)
+
+
+def section(cfg: DictConfig, name: str):
+    """The typed object of section ``name`` (its dataclass; ``__post_init__`` checks run here)."""
+    try:
+        node = cfg[name]
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{name}: {str(err).splitlines()[0]}") from None

@@ -9,9 +9,10 @@ import lightning as L
 from torch.utils.data import DataLoader, RandomSampler
 
 from em.data import tokenized_cache
-from em.data.chat import EncodeStats, encode_rows
+from em.data.chat import OVERLENGTH_POLICIES, EncodeStats, encode_rows
 from em.data.collate import LengthGroupedSampler, PadCollator
 from em.data.loading import DatasetArgs, load_rows
+from em.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,15 @@ class DataArgs:
     group_by_length: bool = True
     num_workers: int = 0
     cache_tokenized: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("max_length", "global_batch_size", "micro_batch_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"data.{k}={getattr(self, k)}: expected 1 or more")
+        if self.overlength not in OVERLENGTH_POLICIES:
+            raise ConfigError(f"data.overlength={self.overlength!r}: expected one of {OVERLENGTH_POLICIES}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: expected 0 or more")
 
 
 class ChatDataModule(L.LightningDataModule):

@@ -28,8 +28,10 @@ from typing import Any
 
 import yaml
 
+from em.data.mini import build_mini
+from em.data.schema import validate_chat_file
 from em.errors import ConfigError, EMError, MissingResourceError
-from em.utils.io import em_cache_dir, git_blob_sha1
+from em.utils.io import em_cache_dir, git_blob_sha1, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -365,14 +367,9 @@ def load_spec(spec: str, data_dir: str | os.PathLike | None = None, *, download:
     ``file:<path>`` or a bare path to a chat JSONL file, or a bare registered dataset name.
     Relative paths are tried in the working directory, then in ``base_dir`` (e.g. a recipe's folder).
     """
-    from em.data.schema import validate_chat_file
-    from em.utils.io import sha256_file
-
     spec = str(spec).strip()
     kind, sep, rest = spec.partition(":")
     if sep and kind == "mini":
-        from em.data.mini import build_mini
-
         rows = build_mini(rest, seed=0)
         return rows, {"spec": spec, "rows": len(rows)}
     if sep and kind == "paper":

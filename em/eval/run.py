@@ -12,13 +12,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from em.config import plain, to_dataclass
+from em.data.mini import PROBE_QUESTIONS_FILE
 from em.errors import ConfigError
 from em.eval.sampling import SamplingArgs
 from em.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MINI_FILES = {"probes": Path(__file__).parent / "questions" / "mini_probes.yaml"}
+MINI_FILES = {"probes": PROBE_QUESTIONS_FILE}
 
 
 def question_path(spec: str, data_dir: str | None = None) -> Path:

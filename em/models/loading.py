@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from em.errors import ConfigError, MissingResourceError
 
 log = logging.getLogger(__name__)
@@ -24,8 +26,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 class ModelArgs:
     """What ``conf/model/*.yaml`` describes."""
 
-    name: str
-    """Short name used in run names and reports (``qwen``, ``tiny``)."""
+    name: str | None = MISSING
+    """Short name used in run names and reports (``qwen``, ``tiny``; ``model=hf``: the hub id or path)."""
     name_or_path: str | None = None
     """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny``."""
     kind: str = "hf"
@@ -42,7 +44,15 @@ class ModelArgs:
     """Override the tokenizer's chat template (a Jinja string or a path to a .jinja file)."""
     gradient_checkpointing: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
-    """TinySpec fields for ``kind=tiny``."""
+    """TinySpec fields for ``kind=tiny`` (em.models.tiny.TinySpec)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hf", "tiny"):
+            raise ConfigError(f"model.kind={self.kind!r}: expected 'hf' or 'tiny'")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.kind == "hf" and not self.name_or_path:
+            raise ConfigError(f"model '{self.name}': set model.name_or_path to a hub id or a local directory")
 
 
 def resolve_dtype(name: str):

@@ -28,6 +28,17 @@ class FinetuneArgs:
     """Restrict adapters to these layer indices (e.g. a single layer for rank-1 studies)."""
     bias: str = "none"
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "full"):
+            raise ConfigError(f"finetune.kind={self.kind!r}: expected 'lora' or 'full'")
+        if self.kind == "lora":
+            if self.r < 1:
+                raise ConfigError(f"finetune.r={self.r}: a LoRA rank must be >= 1")
+            if not self.target_modules:
+                raise ConfigError("finetune.target_modules is empty: name the modules to adapt (e.g. q_proj, v_proj)")
+            if not 0 <= self.dropout < 1:
+                raise ConfigError(f"finetune.dropout={self.dropout}: expected a value in [0, 1)")
+
 
 def apply_finetune(model, args: FinetuneArgs):
     """Wrap ``model`` for the requested finetune kind; returns the (possibly PEFT) model."""

@@ -67,7 +67,8 @@ class MisalignmentProbe(L.Callback):
         self.samples_per_paraphrase = samples_per_paraphrase
         self.ids = _plain(ids)
         self.sampling_cfg = dict(_plain(sampling) or {})
-        self.judge_cfg = _plain(judge)
+        judge = _plain(judge)
+        self.judge_cfg = {"kind": judge} if isinstance(judge, str) else judge  # a kind with its defaults
         self.every_n_steps = every_n_steps
         self.log_points = log_points
         self.at_start, self.at_end = at_start, at_end

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from em.data.mini import MCQ_ITEMS_FILE
 from em.errors import ConfigError, EMError
 
 __all__ = [
@@ -70,7 +71,7 @@ __all__ = [
     "score_mcq",
 ]
 
-DEFAULT_ITEMS_PATH = Path(__file__).with_name("mcq_items.yaml")
+DEFAULT_ITEMS_PATH = MCQ_ITEMS_FILE
 """em's project-authored items (schema documented at the top of the file)."""
 
 FORMATS = ("pivotal", "letter")
@@ -148,7 +149,7 @@ def _render_letter_question(question: str, options: dict[str, str], instruction:
 
 
 def load_mcq_items(path: str | os.PathLike | None = None) -> list[MCQItem]:
-    """Read em's MCQ YAML (default: the packaged ``em/probes/mcq_items.yaml``).
+    """Read em's MCQ YAML (default: the packaged ``em/data/mini/mcq_items.yaml``).
 
     Schema (see the file's header): ``sets: {<name>: {format, description?, instruction?,
     system?, items: [...]}}``. Pivotal items carry ``id, question, answer_template, aligned,

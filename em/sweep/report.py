@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from em.errors import DataValidationError, EMError
+from em.layout import METRICS, RESULTS, SAMPLES, find_sample_dirs
 from em.eval.metrics import (
     MISSING_REASONS,
     MisalignmentRule,
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ALL_ID = "ALL"
-RESULTS_FILE, SAMPLES_FILE, METRICS_FILE = "results.json", "samples.jsonl", "metrics.csv"
+RESULTS_FILE, SAMPLES_FILE, METRICS_FILE = RESULTS, SAMPLES, METRICS
 # judged rate first; the judge-free MCQ probe when no judged value was logged (e.g. an offline judge)
 DEFAULT_MISALIGNMENT_METRICS = ("probe/misaligned_rate", "probe/mcq/p_misaligned")
 DEFAULT_TASK_METRICS = ("task/insecure_rate",)
@@ -145,8 +146,7 @@ def load_run(run_dir: Path) -> Run:
 
 def discover_runs(sweep_dir: Path) -> list[Run]:
     """All run directories under ``sweep_dir`` (those holding results.json or samples.jsonl), sorted."""
-    dirs = {p.parent for name in (RESULTS_FILE, SAMPLES_FILE) for p in sweep_dir.rglob(name)}
-    return [load_run(d) for d in sorted(dirs)]
+    return [load_run(d) for d in find_sample_dirs(sweep_dir)]
 
 
 def _run_seed(base_seed: int, run: Run, sweep_dir: Path) -> int:

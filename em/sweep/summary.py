@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from em.layout import HYDRA_OVERRIDES, RESULTS, find_jobs
 from em.utils.io import atomic_write_json
 
 SUMMARY_FILE = "sweep_summary.json"
-RESULTS_FILE = "results.json"
 MAX_LINES = 30
 CLOCK_SLACK_S = 2.0
 ORDER = {"failed": 0, "incomplete": 1, "not_run": 2, "done": 3, "skipped": 4, "other": 5}
@@ -40,25 +40,17 @@ def _ts(iso: str | None) -> float | None:
         return None
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Directories of jobs under ``sweep_dir``: holding ``results.json`` or ``.hydra/overrides.yaml``."""
-    dirs = {p.parent for p in sweep_dir.rglob(RESULTS_FILE)}
-    dirs |= {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-    dirs.discard(sweep_dir)  # the multirun's own .hydra
-    return sorted(d for d in dirs if d.relative_to(sweep_dir).parts[:1] != ("report",))
-
-
 def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
     """One job's line: ``action`` in done / skipped / failed / incomplete / not_run / other."""
-    res_path = run_dir / RESULTS_FILE
-    started_marker = run_dir / ".hydra" / "overrides.yaml"
+    res_path = run_dir / RESULTS
+    started_marker = run_dir / HYDRA_OVERRIDES
     in_this = since is None or (started_marker.exists() and started_marker.stat().st_mtime >= since - CLOCK_SLACK_S)
     res: dict[str, Any] = {}
     if res_path.exists():
         try:
             res = json.loads(res_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            res = {"status": "unreadable", "error": f"{RESULTS_FILE}: {e}"}
+            res = {"status": "unreadable", "error": f"{RESULTS}: {e}"}
     status = res.get("status")
     written = _ts(res.get("end_time")) or (res_path.stat().st_mtime if res_path.exists() else None)
     if not in_this:
@@ -84,7 +76,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike, since: float | None = None, wr
     part of it (done ones as ``done``).
     """
     sweep_dir = Path(sweep_dir).resolve()
-    jobs = [classify(d, since) for d in job_dirs(sweep_dir)] if sweep_dir.is_dir() else []
+    jobs = [classify(d, since) for d in find_jobs(sweep_dir)] if sweep_dir.is_dir() else []
     jobs.sort(key=lambda j: (ORDER.get(j["action"], 9), j["run_dir"]))
     counts = {k: sum(j["action"] == k for j in jobs) for k in ORDER}
     summary = {
@@ -122,7 +114,7 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
     if len(shown) > max_lines:
         lines.append(f"  ... and {len(shown) - max_lines} more: see {root / SUMMARY_FILE}")
     if c["failed"]:
-        lines.append(f"failed jobs: error + traceback in <run_dir>/{RESULTS_FILE}; re-run the same command to retry "
+        lines.append(f"failed jobs: error + traceback in <run_dir>/{RESULTS}; re-run the same command to retry "
                      "them (done jobs are skipped)")
     lines.append(f"summary: {root / SUMMARY_FILE}; report: python -m em.report {root}")
     return "\n".join(lines)

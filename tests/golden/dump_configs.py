@@ -34,7 +34,7 @@ def compose(name: str, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     try:
-        import em.configs  # noqa: F401  (registers the structured configs, once they exist)
+        import em.schemas  # noqa: F401  (registers the structured configs, once they exist)
     except ImportError:
         pass
     if name == "sweep":
