@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from em.cli_common import quiet_third_party
 from em.errors import EMError
 
 log = logging.getLogger("em.data")
@@ -27,12 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 a user-facing error)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="em: %(message)s")
-    try:
-        from em.cli_common import quiet_third_party
-
-        quiet_third_party()
-    except ImportError:  # pragma: no cover
-        pass
+    quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except EMError as err:

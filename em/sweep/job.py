@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -42,6 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from em.config import plain, section
@@ -125,15 +125,10 @@ def assign_gpu(job_num: int, env: os._Environ | dict | None = None) -> str | Non
         ids = [str(i) for i in range(count_gpus())]
     if not ids:
         return None
-    try:
-        import torch
-
-        if torch.cuda.is_initialized():
-            log.warning("sweep.gpu_per_job: CUDA is already initialised in this process (a launcher that runs "
-                        "jobs in one process, e.g. hydra/launcher=local?): CUDA_VISIBLE_DEVICES is not applied")
-            return None
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if torch.cuda.is_initialized():
+        log.warning("sweep.gpu_per_job: CUDA is already initialised in this process (a launcher that runs "
+                    "jobs in one process, e.g. hydra/launcher=local?): CUDA_VISIBLE_DEVICES is not applied")
+        return None
     pick = ids[job_num % len(ids)]
     env["CUDA_VISIBLE_DEVICES"] = pick
     return pick
@@ -232,8 +227,8 @@ def config_drift(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8)
         elif a != b:
             diffs.append(key)
 
-    for section in DRIFT_SECTIONS:
-        walk(old.get(section), new.get(section), section)
+    for name in DRIFT_SECTIONS:
+        walk(old.get(name), new.get(name), name)
     return diffs
 
 
@@ -245,13 +240,8 @@ def _error_fields(err: BaseException) -> dict[str, Any]:
 
 def _free_memory() -> None:
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # -- the job -----------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def load_run(run_dir: Path) -> Run:
     run.dataset = _get(results, "config", "dataset", "name")
     run.seed = _get(results, "config", "seed")
     if run.status == "failed":
-        run.error = str(results.get("error") or results.get("exception") or "run failed")
+        run.error = str(results.get("error") or "run failed")
         return run
     if run.status not in ("done", "unknown"):
         run.error = run.error or f"status {run.status!r}"

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.experimental.callback import Callback
+
 from em.layout import HYDRA_OVERRIDES, RESULTS, find_jobs
 from em.utils.io import atomic_write_json
 
@@ -120,13 +122,7 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
     return "\n".join(lines)
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-class SweepSummary(_HydraCallback):  # type: ignore[misc,valid-type]
+class SweepSummary(Callback):
     """Hydra callback: on multirun end, print the summary and write ``<sweep_dir>/sweep_summary.json``."""
 
     def __init__(self, max_lines: int = MAX_LINES) -> None:

@@ -414,35 +414,6 @@ class EMDeepSpeedStrategy(DeepSpeedStrategy):
                 else dict(extra_config)
             _deep_merge(self.config, extra)
 
-    def _init_optimizers(self):
-        optimizer, scheduler_cfg = super()._init_optimizers()
-        prune_empty_param_groups(optimizer, scheduler_cfg.scheduler if scheduler_cfg is not None else None)
-        return optimizer, scheduler_cfg
-
-
-def prune_empty_param_groups(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> int:
-    """Drop empty param groups from ``optimizer`` and the matching per-group entries of ``scheduler``.
-
-    DeepSpeed removes empty groups from the client optimizer in place, after the LR scheduler captured one
-    ``base_lrs`` / ``lr_lambdas`` entry per group; torch >= 2.10 then fails the first scheduler step with
-    ``zip() argument 2 is longer than argument 1``. With LoRA the no-weight-decay group is always empty
-    (no biases / norms are trained). Known issue: https://github.com/huggingface/transformers/pull/43692,
-    https://github.com/OpenRLHF/OpenRLHF/issues/1225 (DeepSpeed's removal of empty groups:
-    https://github.com/deepspeedai/DeepSpeed/pull/4277). Can go once em's optimizer builds no empty groups.
-    Pruning both together keeps them aligned; a no-op when no group is empty. Returns the groups dropped.
-    """
-    groups = optimizer.param_groups
-    keep = [i for i, g in enumerate(groups) if g["params"]]
-    n = len(groups)
-    if len(keep) == n or not keep:
-        return 0
-    if scheduler is not None:
-        for attr, value in list(vars(scheduler).items()):
-            if isinstance(value, list) and len(value) == n:  # base_lrs, _last_lr, lr_lambdas ...
-                setattr(scheduler, attr, [value[i] for i in keep])
-    groups[:] = [groups[i] for i in keep]
-    return n - len(keep)
-
 
 class CPUDeepSpeedStrategy(EMDeepSpeedStrategy):
     """DeepSpeed on CPU processes (gloo): slow, for tests of the ZeRO code paths on machines without a GPU.
