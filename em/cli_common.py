@@ -12,10 +12,33 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 
+# Third-party warnings that say nothing true or actionable about an em run.
+QUIET_WARNINGS = (
+    # Lightning's CSV logger warns that a non-empty run dir's logs "will be deleted": em keeps metrics.csv's
+    # earlier attempts in history/ before a resume, and nothing else of the run dir is touched.
+    r"Experiment logs directory .* exists and is not empty",
+    # deprecations inside third-party code (Lightning's use of torch's pytree API, ...), not in em's
+    r".*isinstance\(treespec, LeafSpec\)",
+    r"`is_gradient_checkpointing` is deprecated",  # peft reads transformers' old property name
+)
+
+
 def quiet_third_party() -> None:
+    """A quiet log for the entry points: em's own lines, one progress bar, warnings that matter.
+
+    Lightning's INFO lines (accelerator banners, a LitLogger advertisement, "Loading train_dataloader ...") go;
+    its warnings stay. transformers' per-load progress bars go.
+    """
+    import warnings
+
+    import transformers
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("httpx", "urllib3", "filelock", "fsspec"):
+    for name in ("httpx", "urllib3", "filelock", "fsspec", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    transformers.utils.logging.disable_progress_bar()
 
 
 def friendly_errors(fn):

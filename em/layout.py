@@ -44,8 +44,9 @@ class PathsArgs:
     root_dir: str = "${oc.env:PROJECT_ROOT,.}"
     output_root: str = "${oc.env:EM_OUTPUT_DIR,outputs}"
     """Every run goes under here (``train/<date>/<time>``, ``eval/...``, ``sweeps/<experiment_name>/...``)."""
-    run_dir: str = "${hydra:runtime.output_dir}"
-    """This run's directory (Hydra's output dir unless set, e.g. to resume a run with ``ckpt_path=last``)."""
+    run_dir: str = "${paths.output_root}/${task_name}/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    """This run's directory, also Hydra's (its .hydra/ and <task>.log go there): set it to resume a run with
+    ``ckpt_path=last``. In a sweep, each job's stable directory (conf/hydra/sweep.yaml)."""
 
 
 @dataclass(frozen=True)

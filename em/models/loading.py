@@ -150,6 +150,12 @@ def load_model(args: ModelArgs, path: str | None = None, dtype=None):
     return model
 
 
+def checkpointing_enabled(model) -> bool:
+    """Whether activation (gradient) checkpointing is on (transformers 5 renamed the property)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+
+
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Token ids that end an assistant turn: eos, generation-config eos, and known end-of-turn tokens."""
     ids: set[int] = set()

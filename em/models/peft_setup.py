@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from em.errors import ConfigError
+from em.models.loading import checkpointing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def apply_finetune(model, args: FinetuneArgs):
         raise ConfigError(f"finetune.kind={args.kind!r}: expected 'lora' or 'full'")
     from peft import LoraConfig, get_peft_model
 
-    if getattr(model, "is_gradient_checkpointing", False):
+    if checkpointing_enabled(model):
         # PEFT + checkpointing: inputs of the frozen embedding need grads for reentrant checkpointing.
         model.enable_input_require_grads()
     cfg = LoraConfig(

@@ -18,6 +18,7 @@ from em.layout import RunLayout
 from em.models.loading import load_tokenizer, resolve_model_path, stop_token_ids
 from em.training.adapter import SaveTrainedWeights
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
+from em.training.progress import StepProgressBar
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,11 @@ def build_callbacks(cfg: DictConfig, layout: RunLayout, full_finetune: bool, tok
     return callbacks
 
 
+def ui_callbacks(args: TrainingArgs) -> list:
+    """The progress bar (over the run's optimizer steps) when the trainer shows one."""
+    return [StepProgressBar()] if args.trainer.enable_progress_bar else []
+
+
 def resolve_ckpt_path(ckpt_path: str | None, layout: RunLayout) -> str | None:
     """The checkpoint to resume from, checked at start-up: ``last`` = the run dir's last.ckpt, which must exist."""
     if not ckpt_path:
@@ -182,10 +188,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(lg, "log_metrics"):
             lg.log_metrics({f"data/{k}": float(v) for k, v in data_stats.items() if isinstance(v, (int, float))}, step=0)
     full = args.finetune.kind == "full"
-    callbacks = build_callbacks(cfg, layout, full, tokenizer)
+    callbacks = build_callbacks(cfg, layout, full, tokenizer) + ui_callbacks(args)
 
     trainer_kw = args.trainer.trainer_kwargs()
     trainer_kw["precision"] = resolve_precision(trainer_kw.get("precision"))
+    if not dm.val_examples:  # no held-out rows: no validation loop (and no "empty val loader" warning)
+        trainer_kw["limit_val_batches"] = 0
     trainer = L.Trainer(
         **trainer_kw,
         strategy=strategy,

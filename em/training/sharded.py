@@ -138,7 +138,7 @@ def build_model(model_args, finetune_args, model_path: str | None, strategy: Any
 
     Called from ``CausalLMModule.configure_model`` (inside the strategy's ``model_sharded_context``).
     """
-    from em.models.loading import load_model
+    from em.models.loading import checkpointing_enabled, load_model
     from em.models.peft_setup import apply_finetune
 
     stage = zero_stage(strategy)
@@ -147,7 +147,7 @@ def build_model(model_args, finetune_args, model_path: str | None, strategy: Any
         return apply_finetune(base, finetune_args)
     with _hf_zero3_loading(strategy):
         base = load_model(model_args, model_path)
-        if getattr(base, "is_gradient_checkpointing", False) and finetune_args.kind != "full" \
+        if checkpointing_enabled(base) and finetune_args.kind != "full" \
                 and zero3_reentrant_checkpointing_needed():
             # Workaround for https://github.com/deepspeedai/DeepSpeed/issues/4332 (see the function above);
             # apply_finetune then makes the embedding outputs require grad, which reentrant checkpointing needs.
