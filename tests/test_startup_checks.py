@@ -80,3 +80,38 @@ def test_batch_plan_that_cannot_keep_the_recipe_says_how():
         batch_plan(16, 2, 12)
     msg = str(err.value)
     assert "[1, 2, 4, 8, 16]" in msg and "data.global_batch_size=48" in msg
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: a connect is refused at once
+
+
+def test_missing_hub_model_offline_says_so(tmp_path, monkeypatch):
+    from em.errors import MissingResourceError
+    from em.models.loading import ModelArgs, resolve_model_path
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ModelArgs(name="qwen", name_or_path="Qwen/Qwen2.5-Coder-32B-Instruct")
+    with pytest.raises(MissingResourceError) as err:
+        resolve_model_path(args)
+    msg = str(err.value)
+    assert "HF_HUB_OFFLINE=1" in msg and "switched off" in msg and "could not be reached" not in msg
+    assert "model.name_or_path=/path/to/Qwen2.5-Coder-32B-Instruct" in msg
+
+
+def test_missing_hub_model_without_network_fails_fast_and_suggests_offline_mode(tmp_path, monkeypatch):
+    from em.errors import MissingResourceError
+    from em.models.loading import ModelArgs, resolve_model_path
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")  # no hub answers there
+    with pytest.raises(MissingResourceError) as err:
+        resolve_model_path(ModelArgs(name="qwen", name_or_path="Qwen/Qwen2.5-Coder-32B-Instruct"))
+    msg = str(err.value)
+    assert "the hub could not be reached: http://127.0.0.1:" in msg and "set HF_HUB_OFFLINE=1" in msg
