@@ -48,10 +48,19 @@ class SweepArgs:
     """Merge the adapter into the base model before sampling."""
     progress: bool = False
     """Progress bars while sampling / judging."""
+    on_locked: str = "skip"
+    """A job another sweep is running (its run dir's lock is held): ``skip`` it (say so) or ``wait`` for it."""
+    lock_wait_s: float = 24 * 3600.0
+    """With ``on_locked=wait``: wait at most this long."""
+    lock_stale_after_s: float = 300.0
+    """A lock whose holder has not signed of life for this long (crashed on another node) is taken over; a holder
+    on this machine whose process is gone is taken over at once."""
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.eval_variants]
         if len(set(names)) != len(names):
             raise ConfigError(f"sweep.eval_variants: names must be distinct, got {names}")
+        if self.on_locked not in ("skip", "wait"):
+            raise ConfigError(f"sweep.on_locked={self.on_locked!r}: expected skip or wait")
         if self.gpu_per_job not in (True, False, "auto"):
             raise ConfigError(f"sweep.gpu_per_job={self.gpu_per_job!r}: expected true, false or auto")

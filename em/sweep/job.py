@@ -47,10 +47,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from em.config import plain, section
 from em.errors import ConfigError
 from em.eval.run import evaluate
-from em.layout import RunLayout, read_results
+from em.layout import RESULTS, RunLayout, read_results
 from em.schemas import check_config
 from em.sweep import provenance
 from em.sweep.config import EvalVariant, SweepArgs
+from em.sweep.lock import JobLock, is_stale, read_holder
 from em.training.config import TrainerArgs
 from em.training.run import train, world_size
 from em.utils.io import atomic_write_json
@@ -250,29 +251,76 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
     Returns ``{"status": "skipped", ...}`` without writing anything for a job already done (with
     ``sweep.skip_done``; a warning names the keys if its recorded config differs from ``cfg``);
-    ``{"status": "done"|"failed", ...}`` otherwise. Ranks other than 0 of a
+    ``{"status": "locked", ...}`` for a job another sweep is running (:mod:`em.sweep.lock`; ``sweep.on_locked=wait``
+    waits for it instead); ``{"status": "done"|"failed", ...}`` otherwise. Ranks other than 0 of a
     multi-process job train and return ``{"status": "rank_done", ...}``; rank 0 evaluates and writes.
     """
     typed = check_config(cfg, "sweep")  # not caught: a config error fails every job alike, before any work
     sweep_args: SweepArgs = typed["sweep"]
     layout = RunLayout.of(typed["paths"].run_dir)
-    run_dir, results_path = layout.root, layout.results
+    run_dir = layout.root
     rank = global_rank()
     previous = read_results(run_dir)
     prev_status = (previous or {}).get("status")
 
     if prev_status == "done" and sweep_args.skip_done:
-        print(f"[em.sweep] skip (done): {run_dir}", flush=True)
-        try:
-            drift = config_drift(previous.get("config") or {}, plain(cfg))
-        except Exception as e:  # noqa: BLE001 - a warning only
-            drift = [f"(could not compare: {e})"]
-        if drift:
-            print(f"[em.sweep] WARNING: {run_dir} was done with another config ({', '.join(drift)} differ); "
-                  "kept as is. Re-run it with sweep.skip_done=false, or sweep into another experiment_name.",
-                  flush=True)
-        return {"status": "skipped", "run_dir": str(run_dir), "results": str(results_path)}
+        return _skip_done(cfg, run_dir, previous)
+    lock = JobLock(run_dir, wait_s=sweep_args.lock_wait_s if sweep_args.on_locked == "wait" else 0.0,
+                   stale_after_s=sweep_args.lock_stale_after_s)
+    if not take_lock(lock, rank):
+        what = "waited for it" if sweep_args.on_locked == "wait" else "sweep.on_locked=wait waits instead"
+        print(f"[em.sweep] skip (being run by {lock.holder.describe() if lock.holder else 'another sweep'}; "
+              f"{what}): {run_dir}", flush=True)
+        return {"status": "locked", "run_dir": str(run_dir),
+                "holder": lock.holder.describe() if lock.holder else None}
+    try:
+        if lock.took_over is not None:
+            print(f"[em.sweep] took over the stale lock of {lock.took_over.describe()}: {run_dir}", flush=True)
+        previous = read_results(run_dir)  # again: the job may have been finished by the sweep we waited for
+        prev_status = (previous or {}).get("status")
+        if prev_status == "done" and sweep_args.skip_done:
+            return _skip_done(cfg, run_dir, previous)
+        return _run_locked(cfg, typed, sweep_args, layout, prev_status, rank)
+    finally:
+        if rank == 0:
+            lock.release()
 
+
+def take_lock(lock: JobLock, rank: int, follow_s: float = 60.0) -> bool:
+    """Global rank 0 takes the job's lock; the other ranks of the same launch follow it (they wait up to
+    ``follow_s`` for rank 0's lock and skip when another launch holds the job, as rank 0 then does)."""
+    if rank == 0:
+        return lock.acquire()
+    deadline = time.monotonic() + follow_s
+    while True:
+        h = read_holder(lock.path.parent)
+        if h is not None and h.launch == lock.me:
+            return True
+        if h is not None and not is_stale(h, lock.stale_after_s):
+            lock.holder = h
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(lock.poll_s)
+
+
+def _skip_done(cfg: DictConfig, run_dir: Path, previous: dict[str, Any]) -> dict[str, Any]:
+    print(f"[em.sweep] skip (done): {run_dir}", flush=True)
+    try:
+        drift = config_drift(previous.get("config") or {}, plain(cfg))
+    except Exception as e:  # noqa: BLE001 - a warning only
+        drift = [f"(could not compare: {e})"]
+    if drift:
+        print(f"[em.sweep] WARNING: {run_dir} was done with another config ({', '.join(drift)} differ); "
+              "kept as is. Re-run it with sweep.skip_done=false, or sweep into another experiment_name.",
+              flush=True)
+    return {"status": "skipped", "run_dir": str(run_dir), "results": str(run_dir / RESULTS)}
+
+
+def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, layout: RunLayout,
+                prev_status: str | None, rank: int) -> dict[str, Any]:
+    """The job itself, under its lock: train, evaluate every variant, write results.json."""
+    run_dir, results_path = layout.root, layout.results
     gpu_per_job = sweep_args.gpu_per_job
     if gpu_per_job == "auto":  # each job in its own local process: hydra/launcher=local_parallel
         gpu_per_job = bool(os.environ.get("SUBMITIT_LOCAL_JOB_ID"))

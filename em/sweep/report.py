@@ -36,6 +36,7 @@ import numpy as np
 
 from em.errors import DataValidationError, EMError
 from em.layout import METRICS, RESULTS, SAMPLES, find_sample_dirs
+from em.sweep.lock import job_state
 from em.eval.metrics import (
     MISSING_REASONS,
     MisalignmentRule,
@@ -109,7 +110,7 @@ def load_run(run_dir: Path) -> Run:
     if res_path.exists():
         try:
             results = json.loads(res_path.read_text(encoding="utf-8"))
-            run.status = str(results.get("status", "unknown"))
+            run.status = str(job_state(run_dir, results.get("status", "unknown")))
         except (OSError, ValueError) as e:
             run.status, run.error = "unreadable", f"{RESULTS_FILE}: {e}"
     else:

@@ -2,7 +2,7 @@
 
 :class:`SweepSummary` is a Hydra callback. At the end of a multirun it scans the sweep directory's job
 directories (those holding ``results.json`` or Hydra's ``.hydra/overrides.yaml``), prints one screen
-(``done`` / ``skipped`` / ``failed`` / ``incomplete``, with run dirs and the first line of each error) and
+(``done`` / ``skipped`` / ``failed`` / ``interrupted`` / ``running``, with run dirs and the first line of each error) and
 writes ``<sweep_dir>/sweep_summary.json``. :func:`summarize_sweep` does the same for any sweep dir, e.g.
 ``python -m em.sweep.summary <sweep_dir>``.
 
@@ -25,12 +25,13 @@ from typing import Any, Sequence
 from hydra.experimental.callback import Callback
 
 from em.layout import HYDRA_OVERRIDES, RESULTS, find_jobs
+from em.sweep.lock import job_state
 from em.utils.io import atomic_write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 MAX_LINES = 30
 CLOCK_SLACK_S = 2.0
-ORDER = {"failed": 0, "incomplete": 1, "not_run": 2, "done": 3, "skipped": 4, "other": 5}
+ORDER = {"failed": 0, "interrupted": 1, "running": 2, "not_run": 3, "done": 4, "skipped": 5, "other": 6}
 
 
 def _ts(iso: str | None) -> float | None:
@@ -43,7 +44,7 @@ def _ts(iso: str | None) -> float | None:
 
 
 def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
-    """One job's line: ``action`` in done / skipped / failed / incomplete / not_run / other."""
+    """One job's line: ``action`` in done / skipped / failed / interrupted / running (by another sweep now) / not_run / other."""
     res_path = run_dir / RESULTS
     started_marker = run_dir / HYDRA_OVERRIDES
     in_this = since is None or (started_marker.exists() and started_marker.stat().st_mtime >= since - CLOCK_SLACK_S)
@@ -62,7 +63,7 @@ def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
     elif status == "failed" or status == "unreadable":
         action = "failed"
     elif status == "running":
-        action = "incomplete"
+        action = job_state(run_dir, status)  # running (its lock is live) or interrupted
     else:
         action = "not_run"
     err = res.get("error")
@@ -98,7 +99,7 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
     c = summary["counts"]
     root = Path(summary["sweep_dir"])
     head = (f"== sweep {root}: {c['done']} done, {c['skipped']} skipped (done before), {c['failed']} failed, "
-            f"{c['incomplete']} incomplete, {c['not_run']} without results")
+            f"{c['interrupted']} interrupted, {c['running']} running elsewhere, {c['not_run']} without results")
     if c.get("other"):
         head += f"; {c['other']} other run(s) in this dir not part of this invocation"
     lines = [head + " =="]
@@ -110,7 +111,7 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
             extra = f"  {j['error'] or ''}"
         elif j["action"] == "done" and j.get("wall_s") is not None:
             extra = f"  ({j['wall_s']} s{', resumed' if j.get('resumed_from') else ''})"
-        elif j["action"] == "incomplete":
+        elif j["action"] == "interrupted":
             extra = "  (interrupted: the next run of this sweep resumes it)"
         lines.append(f"  {j['action'].upper() if j['action'] == 'failed' else j['action']:<10} {rel}{extra}")
     if len(shown) > max_lines:
