@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from em.data.mini import KINDS as MINI_KINDS
 from em.data.mini import build_mini
 from em.data.schema import validate_chat_file
 from em.errors import ConfigError, EMError, MissingResourceError
@@ -359,15 +360,22 @@ def list_datasets(data_dir: str | os.PathLike | None = None,
 
 
 # -- source specs -------------------------------------------------------------------------------------
+def mini_spec(name: str) -> str | None:
+    """``mini_insecure`` (the name ``dataset=mini_insecure`` trains on) -> ``mini:insecure``; None otherwise."""
+    if name.startswith("mini_") and name[len("mini_"):] in MINI_KINDS:
+        return f"mini:{name[len('mini_'):]}"
+    return None
+
+
 def load_spec(spec: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
               base_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Validated rows of a source spec and their provenance.
 
-    ``paper:<name>`` (a registered dataset), ``mini:<kind>`` (em's embedded mini sets),
+    ``paper:<name>`` (a registered dataset), ``mini:<kind>`` or ``mini_<kind>`` (em's embedded mini sets),
     ``file:<path>`` or a bare path to a chat JSONL file, or a bare registered dataset name.
     Relative paths are tried in the working directory, then in ``base_dir`` (e.g. a recipe's folder).
     """
-    spec = str(spec).strip()
+    spec = mini_spec(str(spec).strip()) or str(spec).strip()
     kind, sep, rest = spec.partition(":")
     if sep and kind == "mini":
         rows = build_mini(rest, seed=0)
