@@ -31,14 +31,14 @@ def quiet_third_party() -> None:
     """
     import warnings
 
-    import transformers
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("httpx", "urllib3", "filelock", "fsspec", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    transformers.utils.logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
 
 
 def friendly_errors(fn):
