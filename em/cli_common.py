@@ -11,6 +11,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from em.secrets import secret_overrides
+
 
 # Third-party warnings that say nothing true or actionable about an em run.
 QUIET_WARNINGS = (
@@ -71,19 +73,29 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
-class CheckOutputDir(Callback):
-    """Hydra callback: before Hydra creates the run (or sweep) dir, check it can be written, and say what to do
-    in em's words instead of Hydra's traceback (``conf/hydra/default.yaml``)."""
+def _fail(message: str) -> None:
+    print(f"\nem: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    def _check(self, path: Any) -> None:
-        why = unwritable_reason(str(path))
+
+class EntryChecks(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``), before Hydra writes anything (``.hydra/``, multirun.yaml,
+    the run or sweep dir): refuse secrets on the command line, and an output dir that cannot be written, in em's
+    words instead of a traceback."""
+
+    def _check(self, config, out_dir: Any) -> None:
+        bad = secret_overrides(list(config.hydra.overrides.task))
+        if bad:
+            _fail(f"{', '.join(bad)}: em takes no secret on the command line (it would be written to .hydra/ and "
+                  "into sweep paths). Put it in the environment instead, e.g. export OPENAI_API_KEY=... (the judge "
+                  "reads the variable judge.api_key_env names).")
+        why = unwritable_reason(str(out_dir))
         if why:
-            print(f"\nem: error: cannot write the output dir {path}: {why}. Set paths.output_root=<a writable "
-                  f"dir> (or $EM_OUTPUT_DIR).", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"cannot write the output dir {out_dir}: {why}. Set paths.output_root=<a writable dir> "
+                  "(or $EM_OUTPUT_DIR).")
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._check(config.hydra.run.dir)
+        self._check(config, config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir)
+        self._check(config, config.hydra.sweep.dir)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from em.errors import ConfigError
+from em.secrets import is_secret_key, looks_secret
 
 T = TypeVar("T")
-
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.I)
 
 
 def to_dataclass(cls: type[T], section: DictConfig | dict | None, where: str) -> T:
@@ -34,10 +32,11 @@ def to_dataclass(cls: type[T], section: DictConfig | dict | None, where: str) ->
 def redact(obj: Any) -> Any:
     """A copy of a plain config container with secret-looking values replaced."""
     if isinstance(obj, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET_KEY.search(k) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if (isinstance(k, str) and is_secret_key(k) and v) or looks_secret(v) else redact(v))
+                for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
-    return obj
+    return "***" if looks_secret(obj) else obj
 
 
 def plain(cfg: DictConfig) -> dict:

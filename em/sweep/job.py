@@ -50,6 +50,7 @@ from em.eval.run import evaluate
 from em.layout import RESULTS, RunLayout, read_results
 from em.schemas import check_config
 from em.sweep import provenance
+from em.secrets import mask
 from em.sweep.config import EvalVariant, SweepArgs
 from em.sweep.lock import JobLock, is_stale, read_holder
 from em.training.config import TrainerArgs
@@ -415,7 +416,7 @@ def job_subdir(override_dirname: str | None, seed: Any) -> str:
     hash of the whole (file systems refuse names over 255 bytes); the full overrides are in the job's
     ``.hydra/overrides.yaml``.
     """
-    name = str(override_dirname or "").replace("/", "_")
+    name = mask(str(override_dirname or "")).replace("/", "_")  # a secret-looking value never names a path
     if len(name) > MAX_DIRNAME:
         name = f"{name[:MAX_DIRNAME - 13]}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return f"{name}/seed={seed}" if name else f"seed={seed}"
