@@ -57,7 +57,7 @@ def source_spec(args: DatasetArgs) -> str:
     raise ConfigError(f"dataset '{args.name}': set dataset.source, dataset.path or dataset.recipe")
 
 
-def load_rows(args: DatasetArgs) -> tuple[list[dict], dict]:
+def load_rows(args: DatasetArgs, download: bool = True) -> tuple[list[dict], dict]:
     """All rows of the dataset (before the train / held-out split) and their provenance.
 
     One grammar for every source, the one ``em data build`` uses (:func:`em.data.sources.load_spec`):
@@ -65,6 +65,8 @@ def load_rows(args: DatasetArgs) -> tuple[list[dict], dict]:
     """
     if args.recipe:
         recipe = dict(args.recipe)
-        rows, stats = build_from_recipe(recipe, data_dir=args.data_dir)
+        rows, stats = build_from_recipe(
+            recipe, loader=None if download else (lambda spec: load_spec(spec, args.data_dir, download=False)),
+            data_dir=args.data_dir)
         return rows, {"recipe": recipe, "stats": stats}
-    return load_spec(source_spec(args), args.data_dir)
+    return load_spec(source_spec(args), args.data_dir, download=download)

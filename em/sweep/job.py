@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from em.config import plain, section
 from em.errors import ConfigError
 from em.eval.run import evaluate
-from em.layout import RESULTS, RunLayout, read_results
+from em.layout import RESULTS, RunLayout, read_results, resolve_run_dir
 from em.schemas import check_config
 from em.sweep import provenance
 from em.secrets import mask
@@ -258,7 +258,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     """
     typed = check_config(cfg, "sweep")  # not caught: a config error fails every job alike, before any work
     sweep_args: SweepArgs = typed["sweep"]
-    layout = RunLayout.of(typed["paths"].run_dir)
+    layout = RunLayout.of(resolve_run_dir(typed["paths"]))
     run_dir = layout.root
     rank = global_rank()
     previous = read_results(run_dir)
