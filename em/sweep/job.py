@@ -55,6 +55,7 @@ from em.sweep.config import EvalVariant, SweepArgs
 from em.sweep.lock import JobLock, is_stale, read_holder
 from em.training.config import TrainerArgs
 from em.training.run import train, world_size
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,6 @@ TRACEBACK_TAIL_CHARS = 4000
 
 
 # -- small pieces (each tested on its own) ---------------------------------------------------------------
-def global_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as torchrun / srun set it (0 when launched alone)."""
-    env = os.environ if env is None else env
-    for key in ("RANK", "SLURM_PROCID"):
-        v = env.get(key)
-        if v not in (None, "") and str(v).isdigit():
-            return int(v)
-    return 0
-
-
 def externally_launched(env: Mapping[str, str] | None = None) -> bool:
     """True when every training process was started by torchrun (``LOCAL_RANK`` / ``WORLD_SIZE``) or by srun
     with several tasks (``SLURM_NTASKS`` > 1), so that Lightning joins them instead of spawning its own."""

@@ -20,6 +20,7 @@ from em.training.adapter import SaveTrainedWeights
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
 from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
 from em.training.progress import StepProgressBar
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                           "provenance": dm.provenance})
 
     module = CausalLMModule(args.model, args.finetune, args.optim, model_path)
-    if ckpt_path and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if ckpt_path and global_rank() == 0:
         keep_metrics_history(layout.root)
     loggers = build_loggers(cfg, args, layout.root)
     for lg in loggers:
