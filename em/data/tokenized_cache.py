@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +87,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def rows_fingerprint(rows: list[dict]) -> str:
+    """Hash of every row's messages (roles, contents, and any other message keys a template may read)."""
     h = hashlib.sha256()
     for r in rows:
-        # ensure_ascii: a lone surrogate (never valid UTF-8) still hashes instead of crashing
-        h.update(json.dumps(r["messages"], sort_keys=True).encode())
-        h.update(b"\n")
+        msgs = r["messages"]
+        if all(len(m) == 2 and "role" in m and "content" in m for m in msgs):
+            # length-prefixed, so no content can imitate a message boundary
+            part = "".join(f"{len(m['role'])}:{m['role']}{len(m['content'])}:{m['content']}" for m in msgs)
+            h.update(f"{len(msgs)}|{part}\n".encode("utf-8", "surrogatepass"))
+        else:
+            h.update(b"J" + json.dumps(msgs, sort_keys=True, default=str).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -133,13 +139,16 @@ def save(key: str, value: tuple[list[Encoded], EncodeStats], cache_dir=None) -> 
     from safetensors.numpy import save as st_save
 
     examples, stats = value
-    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
-    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    n = int(offsets[-1])
-    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=n)
-    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=n)
-    blob = st_save({"input_ids": ids, "labels": labels, "row_offsets": offsets})
+    arrays = getattr(examples, "arrays", None)  # encode_rows' flat copy of the same rows
+    if arrays is None or len(arrays["row_offsets"]) != len(examples) + 1:
+        lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        n = int(offsets[-1])
+        arrays = {"input_ids": np.fromiter(chain.from_iterable(e.input_ids for e in examples), dtype=np.int32, count=n),
+                  "labels": np.fromiter(chain.from_iterable(e.labels for e in examples), dtype=np.int32, count=n),
+                  "row_offsets": offsets}
+    blob = st_save(arrays)
     path = atomic_write_bytes(cache_path(key, cache_dir), blob)
     meta = {
         "format": FORMAT,
