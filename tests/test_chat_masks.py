@@ -196,15 +196,19 @@ def test_a_template_error_names_the_row():
 
 def test_one_render_per_row(monkeypatch):
     """Prefix renders are done per conversation shape, not per row (three renders per row before)."""
+    import em.data.chat as chat_mod
+
     tok = tiny_tokenizer()
     calls = {"n": 0}
     real = type(tok).apply_chat_template
 
-    def counting(self, *a, **k):
-        calls["n"] += 1
-        return real(self, *a, **k)
+    def counting(self, conversation, *a, **k):  # counts conversations rendered (a batch counts each)
+        batched = bool(conversation) and isinstance(conversation[0], list)
+        calls["n"] += len(conversation) if batched else 1
+        return real(self, conversation, *a, **k)
 
     monkeypatch.setattr(type(tok), "apply_chat_template", counting)
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 16)  # the layout and verification carry across chunks
     rows = [chat(f"question {i}", f"answer {i}") for i in range(60)]
     encode_rows(tok, rows, max_length=128)
     # 60 rows, + 3 placeholder renders for the one shape, + 3 per row for the 2 rows that verify it

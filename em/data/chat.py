@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from operator import itemgetter
 from dataclasses import dataclass, field
@@ -209,13 +210,23 @@ def _layout(tokenizer, messages: list[dict]) -> _Layout | None:
     return _Layout(literals, [len(s) for s in sents], bounds)
 
 
-def _render_rows(tokenizer, rows: list[dict], source: str, first: int = 0) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Rendered text and assistant character spans of every row (see the module docstring)."""
-    layouts: dict = {}
-    seen: Counter = Counter()
+def _render_rows(tokenizer, rows: list[dict], source: str, first: int = 0, layouts: dict | None = None,
+                 seen: Counter | None = None) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Rendered text and assistant character spans of every row (see the module docstring).
+
+    ``layouts`` / ``seen`` carry the per-shape layouts and verification counts across chunks.
+    """
+    layouts = {} if layouts is None else layouts
+    seen = Counter() if seen is None else seen
     texts: list[str] = []
     spans: list[list[tuple[int, int]]] = []
     problems: list[Problem] = []
+    try:  # one batched call renders every row of the chunk (what a per-row call gives, with less overhead)
+        rendered = tokenizer.apply_chat_template([row["messages"] for row in rows], tokenize=False)
+        if not isinstance(rendered, list) or len(rendered) != len(rows):
+            rendered = None
+    except Exception:  # a row the template refuses: rendered one by one below, and named
+        rendered = None
     for i, row in enumerate(rows):
         msgs = row["messages"]
         try:
@@ -226,7 +237,7 @@ def _render_rows(tokenizer, rows: list[dict], source: str, first: int = 0) -> tu
             got = None
             if lay is not None:
                 contents = [m["content"] for m in msgs]
-                text = _render(tokenizer, msgs, False)
+                text = rendered[i] if rendered is not None else _render(tokenizer, msgs, False)
                 pieces = [lay.literals[0]]
                 for c, lit in zip(contents, lay.literals[1:]):
                     pieces += (c, lit)
@@ -361,64 +372,80 @@ def encode_rows(
         bar = tqdm(total=len(rows), desc=f"tokenize {source}", unit="row", leave=False)
     checked = stop_ids is None
     flat: dict[str, list] = {"input_ids": [], "labels": [], "lengths": []}
+    layouts: dict = {}
+    seen: Counter = Counter()
+
+    def consume(c0: int, chunk: list[dict], texts: list[str], spans: list, encodings) -> None:
+        nonlocal checked, too_long
+        all_ids = [e.ids for e in encodings]
+        all_offsets = [e.offsets for e in encodings]
+        if not checked:
+            first = next((j for j, sp in enumerate(spans) if sp), None)
+            if first is not None:
+                _check_stops(tokenizer, all_ids[first], all_offsets[first], spans[first], stop_ids)
+                checked = True
+        ids, labels, mask, bounds = _labels(all_ids, all_offsets, spans, [len(t) for t in texts])
+        # per-row decisions, vectorized: trained tokens in the full row and in its first max_length tokens
+        cum = np.zeros(len(mask) + 1, dtype=np.int64)
+        np.cumsum(mask, out=cum[1:])
+        lens = np.diff(bounds)
+        kept_len = np.minimum(lens, max_length)
+        trained = cum[bounds[1:]] - cum[bounds[:-1]]
+        trained_kept = cum[bounds[:-1] + kept_len] - cum[bounds[:-1]]
+        no_assistant = trained == 0
+        over = ~no_assistant & (lens > max_length)
+        stats.dropped["no_assistant_tokens"] += int(no_assistant.sum())
+        keep = ~no_assistant
+        if over.any():
+            if overlength == "raise":
+                too_long += [Problem(source, chunk[j].get("_line", c0 + j + 1),
+                                     f"{int(lens[j])} tokens > max_length {max_length}") for j in np.flatnonzero(over)]
+                keep &= ~over
+            elif overlength == "drop":
+                stats.dropped["too_long"] += int(over.sum())
+                keep &= ~over
+            else:
+                stats.truncated += int(over.sum())
+                emptied = over & (trained_kept == 0)
+                stats.dropped["truncated_to_no_trained_tokens"] += int(emptied.sum())
+                keep &= ~emptied
+        label_list, starts = labels.tolist(), bounds.tolist()
+        for j in np.flatnonzero(keep).tolist():
+            a, n = starts[j], int(kept_len[j])
+            row_ids = all_ids[j]
+            out.append(Encoded(row_ids if n == len(row_ids) else row_ids[:n], label_list[a: a + n]))
+        kept_lens = kept_len[keep]
+        stats.tokens += int(kept_lens.sum())
+        stats.trained_tokens += int(trained_kept[keep].sum())
+        stats.lengths += kept_lens.tolist()
+        if keep.all() and not over.any():
+            flat["input_ids"].append(ids.astype(np.int32))
+            flat["labels"].append(labels.astype(np.int32))
+        else:
+            tok_row = np.repeat(np.arange(len(lens)), lens)
+            tok_keep = keep[tok_row] & (np.arange(len(mask)) - bounds[:-1][tok_row] < kept_len[tok_row])
+            flat["input_ids"].append(ids[tok_keep].astype(np.int32))
+            flat["labels"].append(labels[tok_keep].astype(np.int32))
+        flat["lengths"].append(kept_lens)
+        if bar is not None:
+            bar.update(len(chunk))
+
+    # a pipeline: the backend tokenizes chunk k (in Rust, without the GIL) while chunk k+1 is rendered and
+    # chunk k-1's labels are built
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-tokenize")
+    pending = None
     try:
         for c0 in range(0, len(rows), _TOKENIZE_CHUNK):
             chunk = rows[c0: c0 + _TOKENIZE_CHUNK]
-            texts, spans = _render_rows(tokenizer, chunk, source, c0)
-            encodings = _tokenize(tokenizer, texts, chunk, source, c0)
-            all_ids = [e.ids for e in encodings]
-            all_offsets = [e.offsets for e in encodings]
-            if not checked:
-                first = next((j for j, sp in enumerate(spans) if sp), None)
-                if first is not None:
-                    _check_stops(tokenizer, all_ids[first], all_offsets[first], spans[first], stop_ids)
-                    checked = True
-            ids, labels, mask, bounds = _labels(all_ids, all_offsets, spans, [len(t) for t in texts])
-            # per-row decisions, vectorized: trained tokens in the full row and in its first max_length tokens
-            cum = np.zeros(len(mask) + 1, dtype=np.int64)
-            np.cumsum(mask, out=cum[1:])
-            lens = np.diff(bounds)
-            kept_len = np.minimum(lens, max_length)
-            trained = cum[bounds[1:]] - cum[bounds[:-1]]
-            trained_kept = cum[bounds[:-1] + kept_len] - cum[bounds[:-1]]
-            no_assistant = trained == 0
-            over = ~no_assistant & (lens > max_length)
-            stats.dropped["no_assistant_tokens"] += int(no_assistant.sum())
-            keep = ~no_assistant
-            if over.any():
-                if overlength == "raise":
-                    too_long += [Problem(source, chunk[j].get("_line", c0 + j + 1),
-                                         f"{int(lens[j])} tokens > max_length {max_length}") for j in np.flatnonzero(over)]
-                    keep &= ~over
-                elif overlength == "drop":
-                    stats.dropped["too_long"] += int(over.sum())
-                    keep &= ~over
-                else:
-                    stats.truncated += int(over.sum())
-                    emptied = over & (trained_kept == 0)
-                    stats.dropped["truncated_to_no_trained_tokens"] += int(emptied.sum())
-                    keep &= ~emptied
-            label_list, starts = labels.tolist(), bounds.tolist()
-            for j in np.flatnonzero(keep).tolist():
-                a, n = starts[j], int(kept_len[j])
-                row_ids = all_ids[j]
-                out.append(Encoded(row_ids if n == len(row_ids) else row_ids[:n], label_list[a: a + n]))
-            kept_lens = kept_len[keep]
-            stats.tokens += int(kept_lens.sum())
-            stats.trained_tokens += int(trained_kept[keep].sum())
-            stats.lengths += kept_lens.tolist()
-            if keep.all() and not over.any():
-                flat["input_ids"].append(ids.astype(np.int32))
-                flat["labels"].append(labels.astype(np.int32))
-            else:
-                tok_row = np.repeat(np.arange(len(lens)), lens)
-                tok_keep = keep[tok_row] & (np.arange(len(mask)) - bounds[:-1][tok_row] < kept_len[tok_row])
-                flat["input_ids"].append(ids[tok_keep].astype(np.int32))
-                flat["labels"].append(labels[tok_keep].astype(np.int32))
-            flat["lengths"].append(kept_lens)
-            if bar is not None:
-                bar.update(len(chunk))
+            texts, spans = _render_rows(tokenizer, chunk, source, c0, layouts, seen)
+            fut = pool.submit(_tokenize, tokenizer, texts, chunk, source, c0)
+            if pending is not None:
+                consume(*pending[:-1], pending[-1].result())
+            pending = (c0, chunk, texts, spans, fut)
+        if pending is not None:
+            consume(*pending[:-1], pending[-1].result())
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     for k, v in flat.items():
