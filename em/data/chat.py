@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from itertools import chain
 from operator import itemgetter
 from dataclasses import dataclass, field
@@ -264,10 +265,11 @@ def _render_rows(tokenizer, rows: list[dict], source: str, first: int = 0, layou
     return texts, spans
 
 
-def _tokenize(tokenizer, texts: list[str], rows: list[dict], source: str, first: int):
-    """The backend's batched encodings of ``texts``: what ``tokenizer(texts, add_special_tokens=False)``
-    computes (no truncation, no padding, special tokens as the tokenizer splits them), without building
-    a ``BatchEncoding``. The tokenizer's truncation / padding state is restored afterwards."""
+@contextmanager
+def _plain_backend(tokenizer):
+    """The backend tokenizer set as ``tokenizer(texts, add_special_tokens=False)`` sets it (no truncation,
+    no padding, special tokens split as the tokenizer says), restored on exit. Set once, in the calling
+    thread, so that the tokenizing thread only reads it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError(f"{type(tokenizer).__name__} is not a fast tokenizer: em needs the character offsets of a "
@@ -279,25 +281,31 @@ def _tokenize(tokenizer, texts: list[str], rows: list[dict], source: str, first:
         if padding is not None:
             backend.no_padding()
         backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-        try:
-            return backend.encode_batch(texts, add_special_tokens=False)
-        except Exception:
-            problems = []
-            for i, t in enumerate(texts):  # find the rows that cannot be tokenized, and name them
-                try:
-                    backend.encode(t, add_special_tokens=False)
-                except Exception as e:
-                    problems.append(Problem(source, rows[i].get("_line", first + i + 1), "cannot be tokenized: "
-                                            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-            if not problems:
-                raise
-            raise DataValidationError(problems, header=f"{len(problems)} row(s) of {source} cannot be tokenized") from None
+        yield backend
     finally:
         backend.encode_special_tokens = split
         if truncation is not None:
             backend.enable_truncation(**truncation)
         if padding is not None:
             backend.enable_padding(**padding)
+
+
+def _tokenize(backend, texts: list[str], rows: list[dict], source: str, first: int):
+    """The backend's batched encodings of ``texts`` (see :func:`_plain_backend`), without building a
+    ``BatchEncoding``; rows that cannot be tokenized are named."""
+    try:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    except Exception:
+        problems = []
+        for i, t in enumerate(texts):  # find the rows that cannot be tokenized, and name them
+            try:
+                backend.encode(t, add_special_tokens=False)
+            except Exception as e:
+                problems.append(Problem(source, rows[i].get("_line", first + i + 1), "cannot be tokenized: "
+                                        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+        if not problems:
+            raise
+        raise DataValidationError(problems, header=f"{len(problems)} row(s) of {source} cannot be tokenized") from None
 
 
 def _labels(all_ids: list[list[int]], all_offsets: list, spans: list[list[tuple[int, int]]], text_lens: list[int]):
@@ -432,20 +440,23 @@ def encode_rows(
 
     # a pipeline: the backend tokenizes chunk k (in Rust, without the GIL) while chunk k+1 is rendered and
     # chunk k-1's labels are built
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-tokenize")
-    pending = None
     try:
-        for c0 in range(0, len(rows), _TOKENIZE_CHUNK):
-            chunk = rows[c0: c0 + _TOKENIZE_CHUNK]
-            texts, spans = _render_rows(tokenizer, chunk, source, c0, layouts, seen)
-            fut = pool.submit(_tokenize, tokenizer, texts, chunk, source, c0)
-            if pending is not None:
-                consume(*pending[:-1], pending[-1].result())
-            pending = (c0, chunk, texts, spans, fut)
-        if pending is not None:
-            consume(*pending[:-1], pending[-1].result())
+        with _plain_backend(tokenizer) as backend:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-tokenize")
+            pending = None
+            try:
+                for c0 in range(0, len(rows), _TOKENIZE_CHUNK):
+                    chunk = rows[c0: c0 + _TOKENIZE_CHUNK]
+                    texts, spans = _render_rows(tokenizer, chunk, source, c0, layouts, seen)
+                    fut = pool.submit(_tokenize, backend, texts, chunk, source, c0)
+                    if pending is not None:
+                        consume(*pending[:-1], pending[-1].result())
+                    pending = (c0, chunk, texts, spans, fut)
+                if pending is not None:
+                    consume(*pending[:-1], pending[-1].result())
+            finally:  # the tokenizing thread is done before the backend's state is restored
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     for k, v in flat.items():
