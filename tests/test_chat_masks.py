@@ -236,3 +236,16 @@ def test_encode_rows_leaves_the_tokenizer_state_as_it_was():
     encs, _ = encode_rows(tok, [chat("a question that is long enough", "an answer longer than three tokens")], 128)
     assert len(encs[0].input_ids) > 3  # the leftover truncation state did not apply
     assert (tok.backend_tokenizer.truncation, tok.backend_tokenizer.padding) == before
+
+
+def test_a_row_that_cannot_be_tokenized_is_named_across_chunks(monkeypatch):
+    """encode_rows on rows that skipped validation: em's error with the row, never a traceback."""
+    import em.data.chat as chat_mod
+
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 4)
+    tok = tiny_tokenizer()
+    rows = [chat(f"q{i}", f"a{i}") for i in range(10)]
+    rows[6] = chat("lone \ud800 surrogate", "a")
+    with pytest.raises(DataValidationError, match=r"rows:7: cannot be tokenized"):
+        encode_rows(tok, rows, max_length=64, source="rows")
+    assert tok.backend_tokenizer.truncation is None  # state restored after the failure

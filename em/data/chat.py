@@ -16,10 +16,16 @@ its EOS token still trains EOS (the classic "model never stops" bug).
 one batched tokenizer call per chunk of rows: the prefix renders are done once per *shape* of
 conversation (the roles, with every content replaced by a unique placeholder), which gives the
 template's literal text between contents and the span boundaries; each row is then rendered once
-and used only if it equals that literal text with the row's contents put back (the template
-inserts contents verbatim). A row where it does not (a template that trims or inspects contents),
-and every shape whose placeholder rendering is not usable, takes the three-render path; the first
-rows of every shape take both paths and must agree, else the shape falls back for good.
+(one batched ``apply_chat_template`` call per chunk) and used only if it equals that literal text
+with the row's contents put back (the template inserts contents verbatim). A row where it does not
+(a template that trims or inspects contents), and every shape whose placeholder rendering is not
+usable, takes the three-render path; the first rows of every shape take both paths and must agree,
+else the shape falls back for good. (A template that changes the *generation prompt* depending on
+contents only some rows have would escape that check: no real template does.)
+
+Chunks are tokenized by the backend (``encode_batch``, the call ``tokenizer(texts)`` makes) in a
+worker thread while the next chunk is rendered and the previous one labelled; labels are computed
+for a whole chunk at once with numpy from the tokens' character offsets.
 """
 
 from __future__ import annotations
