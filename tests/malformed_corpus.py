@@ -68,7 +68,7 @@ def _row(messages, **extra) -> bytes:
 
 
 def _dir(d: Path) -> Path:
-    p = d / "a_directory.jsonl"
+    p = d / "dataset_dir.jsonl"  # (the word the error must say is not in the name)
     p.mkdir()
     return p
 
@@ -174,7 +174,8 @@ def is_clear(case: Case, path: Path, err: BaseException | None) -> bool:
     from em.errors import EMError
 
     text = str(err).lower()
-    if not isinstance(err, EMError) or str(path).lower() not in text or case.expect.lower() not in text:
+    reason = text.replace(str(path).lower(), "")  # the reason must be in the message, not just in the file name
+    if not isinstance(err, EMError) or str(path).lower() not in text or case.expect.lower() not in reason:
         return False
     return case.line is None or f"{path}:{case.line}:".lower() in text
 
