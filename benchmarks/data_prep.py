@@ -109,7 +109,8 @@ def main() -> None:
     elif data_dir and (Path(data_dir) / "data" / "insecure.jsonl").is_file():
         path, label = Path(data_dir) / "data" / "insecure.jsonl", "paper insecure.jsonl"
     else:
-        path, label = synthetic_file(Path(tmp.name) / "synthetic.jsonl"), "synthetic (6,000 rows, insecure-like lengths)"
+        path = synthetic_file(Path(tmp.name) / "synthetic.jsonl")
+        label = "synthetic (6,000 rows, insecure-like lengths)"
 
     load_before = os.getloadavg()
     em_prepare(path, tok, tempfile.mkdtemp(dir=tmp.name))  # warm-up: imports, template compilation

@@ -103,7 +103,8 @@ def test_50_mb_row_is_rejected_with_its_line_not_tokenized(tmp_path):
     (b"[" * 50_000 + b"]" * 50_000, None, "nested too deeply"),
     (b'{"messages": [{"role": "user", "content": "q\\ud800"}, {"role": "assistant", "content": "a"}]}',
      "messages[0].content", "lone surrogate"),
-    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "m": {"x": ["\\udc00"]}}',
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+     b'"m": {"x": ["\\udc00"]}}',
      "m.x[0]", "lone surrogate"),
     (b'{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}, '
      b'{"role": "assistant", "content": "a"}]}', "messages[0].role", "starts with an assistant turn"),
@@ -114,7 +115,8 @@ def test_50_mb_row_is_rejected_with_its_line_not_tokenized(tmp_path):
      b'{"role": "user", "content": "more"}]}', "messages[2].role", "ends with a user turn"),
     (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "x": NaN}', None,
      "NaN is not valid JSON"),
-    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "x": ' + b"1" * 5000 + b"}",
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "x": '
+     + b"1" * 5000 + b"}",
      None, "integer too long"),
 ])
 def test_issue_cases_rejected_at_validation_with_line_and_field(tmp_path, line, field, text):
@@ -202,7 +204,8 @@ def bad_rows(draw, good):
         msgs[-1]["content"] += "x" * MAX_ROW
         return json.dumps(row).encode()
     if kind == "constant":
-        return json.dumps(row).encode()[:-1] + b', "score": ' + draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity"])) + b"}"
+        constant = draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]))
+        return json.dumps(row).encode()[:-1] + b', "score": ' + constant + b"}"
     # bad_utf8: a byte that cannot start or continue UTF-8 inside a string
     return good.replace(b'"content": "', b'"content": "\xff', 1)
 

@@ -221,7 +221,8 @@ def test_a_content_dependent_template_falls_back_to_the_per_row_path():
     tok = tiny_tokenizer()
     tok.chat_template = ("{%- for m in messages %}{%- if m['role'] == 'user' %}{{- 'user: ' + m['content'] + '\\n' }}"
                          "{%- else %}{{- 'assistant:' + m['content'] + '<|im_end|>' }}{%- endif %}{%- endfor %}"
-                         "{%- if add_generation_prompt and messages[-1]['content'] == 'q' %}{{- 'assistant:' }}{%- endif %}")
+                         "{%- if add_generation_prompt and messages[-1]['content'] == 'q' %}{{- 'assistant:' }}"
+                         "{%- endif %}")
     rows = [chat("q", f"answer {i}") for i in range(8)]
     got, _ = encode_rows(tok, rows, max_length=128)
     ref = [encode_chat(tok, r["messages"]) for r in rows]

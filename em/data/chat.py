@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
-from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -471,8 +471,8 @@ def encode_rows(
     np.cumsum(flat["lengths"], out=offsets[1:])
     out.arrays = {"input_ids": flat["input_ids"], "labels": flat["labels"], "row_offsets": offsets}
     if too_long:
-        raise DataValidationError(too_long, header=f"{len(too_long)} row(s) of {source} exceed data.max_length={max_length} "
-                                  "(data.overlength=raise; use truncate or drop to continue)")
+        raise DataValidationError(too_long, header=f"{len(too_long)} row(s) of {source} exceed data.max_length="
+                                  f"{max_length} (data.overlength=raise; use truncate or drop to continue)")
     stats.rows_kept = len(out)
     if rows and not out:
         raise DataValidationError(

@@ -28,9 +28,10 @@ import json
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from em.errors import DataValidationError, EMError, MissingResourceError, Problem
 
