@@ -40,7 +40,7 @@ def test_a_sweep_plan_lists_every_job_with_its_launch(tmp_path):
     assert p.launcher["launcher"] == "slurm" and p.launcher["nodes"] == 1 and p.launcher["gpus_per_node"] == 1
     assert "requeue" in p.launcher and p.launcher["timeout_min"] == 1440
     assert not any(p.checks.startswith("ERROR") for p in plans)
-    assert "12 job(s), 0 with errors" in format_plan(plans)
+    assert "12 job(s) (12 to run), 0 with errors" in format_plan(plans)
     assert not (tmp_path / "sweeps").exists()  # nothing ran, nothing was written
 
 
