@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --models smollm2 --repeats 3 --dataset insecure
     python benchmarks/train_throughput.py --em-variant sorted: --em-variant shuffled:data.group_by_length=false
     python benchmarks/train_throughput.py --sides em --em-variant now: \
-        --em-variant before:model.cross_entropy=plain,\$EM_MALLOC_MMAP_THRESHOLD=0
+        --em-variant before:model.cross_entropy=plain,\\$EM_MALLOC_MMAP_THRESHOLD=0
 
 Every side trains the *same rows* (em's train split of ``--dataset``) with the same LoRA config, micro batch,
 max length, precision, optimizer settings and number of steps, each run in a **fresh subprocess** (so its peak
@@ -133,7 +133,7 @@ class StepRecorder:
         }
 
 
-#: set by the worker so that the Lightning callback that Hydra instantiates by name finds it
+#: set by the worker so that the Lightning callback that Hydra instantiates by name (callbacks.extra) finds it
 RECORDER: StepRecorder | None = None
 
 
@@ -153,19 +153,27 @@ def _lightning_callback_class():
 
 
 def make_em_recorder():
-    """Hydra target (``callbacks.bench._target_``) for the em side."""
+    """Hydra target (``callbacks.extra.bench._target_``) for the em side."""
     return _lightning_callback_class()()
 
 
-def _dataset_args(spec: dict):
+def _compose(overrides: list[str], check: bool = True):
+    """``conf/train.yaml`` with ``overrides``, checked as train.py checks it."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from em.data.loading import DatasetArgs
+    from em.schemas import check_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"dataset={spec['dataset']}"])
-    return DatasetArgs(**OmegaConf.to_container(cfg.dataset, resolve=True))
+        cfg = compose("train", overrides=overrides)
+    if check:
+        check_config(cfg, "train")
+    return cfg
+
+
+def _dataset_args(spec: dict):
+    from em.config import section
+
+    return section(_compose([f"dataset={spec['dataset']}"], check=False), "dataset")
 
 
 def _train_rows(spec: dict) -> list[dict]:
@@ -210,18 +218,16 @@ def _torch_dtype(spec: dict):
 
 
 def run_em(spec: dict, rec: StepRecorder, out_dir: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
     from em.training.run import train
 
     ov = [f"dataset={spec['dataset']}", "callbacks=none", "logger=csv", f"paths.run_dir={out_dir}",
           f"data.micro_batch_size={spec['batch']}", f"data.global_batch_size={spec['batch']}",
           f"data.max_length={spec['max_length']}", "data.cache_tokenized=false",
-          f"trainer.max_steps={spec['steps']}", "trainer.enable_progress_bar=false", "++trainer.limit_val_batches=0",
+          f"trainer.max_steps={spec['steps']}", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
           f"optim.lr={spec['lr']}", f"optim.warmup_steps={spec['warmup_lr']}", "optim.weight_decay=0.01",
           "finetune=rslora", f"finetune.r={spec['lora']['r']}", f"finetune.alpha={spec['lora']['alpha']}",
           f"finetune.dropout={spec['lora']['dropout']}", f"finetune.use_rslora={spec['lora']['rslora']}",
-          f"seed={spec['seed']}", f"+callbacks.bench._target_={__name__}.make_em_recorder",
+          f"seed={spec['seed']}", f"+callbacks.extra.bench._target_={__name__}.make_em_recorder",
           f"model.gradient_checkpointing={spec['gradient_checkpointing']}", "model.attn_implementation=sdpa"]
     ov.append("trainer=gpu" if not spec["cpu"] and _cuda() else "trainer=cpu")
     ov.append(f"trainer.precision={'bf16-mixed' if spec['precision'] == 'bf16' else '32-true'}")
@@ -231,9 +237,7 @@ def run_em(spec: dict, rec: StepRecorder, out_dir: str) -> dict:
         ov += ["model=hf", f"model.name_or_path={spec['model_path']}", f"model.name={spec['model']}"]
     ov.append(f"model.dtype={'bfloat16' if spec['precision'] == 'bf16' else 'float32'}")
     ov += list(spec.get("em_overrides") or [])
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=ov)
-    summary = train(cfg)
+    summary = train(_compose(ov))
     return {"overrides": ov, "data": summary.get("data")}
 
 
@@ -254,7 +258,8 @@ def run_trl(spec: dict, rec: StepRecorder, out_dir: str) -> dict:
     from em.models.loading import ModelArgs, load_tokenizer
 
     rows = _train_rows(spec)
-    tok = load_tokenizer(ModelArgs(name=spec["model"]), spec["model_path"])  # em's tokenizer set-up (pad token)
+    # em's tokenizer set-up (pad token) for every side
+    tok = load_tokenizer(ModelArgs(name=spec["model"], name_or_path=spec["model_path"]), spec["model_path"])
     pc = []
     for r in rows:
         msgs = r["messages"]
@@ -282,7 +287,7 @@ def run_hf(spec: dict, rec: StepRecorder, out_dir: str) -> dict:
     from em.models.loading import ModelArgs, load_tokenizer, stop_token_ids
 
     rows = _train_rows(spec)
-    tok = load_tokenizer(ModelArgs(name=spec["model"]), spec["model_path"])
+    tok = load_tokenizer(ModelArgs(name=spec["model"], name_or_path=spec["model_path"]), spec["model_path"])
     examples, stats = encode_rows(tok, rows, spec["max_length"], "truncate", stop_token_ids(tok))
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=_torch_dtype(spec),
                                                  attn_implementation="sdpa")
@@ -385,7 +390,7 @@ def machine() -> dict:
 
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informational only
+    except Exception:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()}
 
@@ -459,10 +464,11 @@ def print_report(report: dict) -> None:
         print(f"\n## {model}  ({r['spec']['batch']} x {r['spec']['max_length']}, {r['spec']['precision']}, "
               f"LoRA r{r['spec']['lora']['r']}, {r['spec']['steps']} steps ({r['spec']['warmup']} warm-up), "
               f"{r['repeats']} repeats, load avg {_fmt(s['loadavg_1min'], digits=2)})")
-        print("| side | samples/s | trained tokens/s | positions/s | padding | peak RSS MB | peak GPU MB | longest batch |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| side | samples/s | trained tokens/s | positions/s | padding | peak RSS MB | peak GPU MB "
+              "| longest batch |\n|---|---|---|---|---|---|---|---|")
         for n, st in s["sides"].items():
-            print(f"| {n}{_variant_label(r['variants'].get(n))} | {_fmt(st['samples_per_s'], digits=2)} | {_fmt(st['trained_tokens_per_s'], digits=0)} | "
+            print(f"| {n}{_variant_label(r['variants'].get(n))} | {_fmt(st['samples_per_s'], digits=2)} | "
+                  f"{_fmt(st['trained_tokens_per_s'], digits=0)} | "
                   f"{_fmt(st['positions_per_s'], digits=0)} | {_fmt(st['padding_fraction'], 100, 1)}% | "
                   f"{_fmt(st['peak_rss_mb'], digits=0)} | {_fmt(st['peak_gpu_mb'], digits=0)} | "
                   f"{_fmt(st['max_padded_length'], digits=0)} |")

@@ -14,7 +14,8 @@ def _plain(hidden, weight, labels, bias=None):
     logits = hidden[:, :-1] @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def _case(dtype=torch.float64, seed=0, b=3, t=11, d=8, v=37, bias=True):
