@@ -178,18 +178,3 @@ def test_bad_cross_entropy_choice_fails_at_model_set_up(tmp_path):
         train(compose_train(["trainer.max_steps=1", "callbacks=none", "model.cross_entropy=fused",
                              "trainer.enable_progress_bar=false"], run_dir=str(tmp_path)))
 
-
-def test_heap_retention_limit_is_applied_once_on_glibc(monkeypatch):
-    import platform
-
-    from em.training import host_memory
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    monkeypatch.setattr(host_memory, "_applied", None)
-    monkeypatch.setenv("EM_MALLOC_MMAP_THRESHOLD", "0")
-    assert host_memory.limit_heap_retention() is False  # 0 = leave glibc alone
-    monkeypatch.setenv("EM_MALLOC_MMAP_THRESHOLD", "2097152")
-    assert host_memory.limit_heap_retention() is True
-    assert host_memory._applied == 2097152
-    assert host_memory.limit_heap_retention() is False  # already applied

@@ -23,8 +23,8 @@ def _module():
 def test_em_variants_parse_overrides_and_environment():
     mod = _module()
     assert mod.parse_variant("sorted:") == ("sorted", [], {})
-    assert mod.parse_variant("before:model.cross_entropy=plain,$EM_MALLOC_MMAP_THRESHOLD=0,data.x=1") == (
-        "before", ["model.cross_entropy=plain", "data.x=1"], {"EM_MALLOC_MMAP_THRESHOLD": "0"})
+    assert mod.parse_variant("before:model.cross_entropy=plain,$MALLOC_MMAP_THRESHOLD_=1048576,data.x=1") == (
+        "before", ["model.cross_entropy=plain", "data.x=1"], {"MALLOC_MMAP_THRESHOLD_": "1048576"})
     with pytest.raises(SystemExit):
         mod.parse_variant(":data.x=1")
 

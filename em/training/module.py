@@ -9,7 +9,6 @@ import torch
 
 from em.models.loading import ModelArgs
 from em.models.peft_setup import FinetuneArgs
-from em.training.host_memory import limit_heap_retention
 from em.training.loss import causal_lm_loss, resolve_cross_entropy
 from em.training.optim import OptimArgs, build_optimizer, build_scheduler
 from em.training.sharded import build_model, trainable_param_names
@@ -37,8 +36,6 @@ class CausalLMModule(L.LightningModule):
             return
         # build_model adapts loading to the strategy (ZeRO-3: weights into partitions, adapters outside zero.Init)
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is None or strategy.root_device.type == "cpu":
-            limit_heap_retention()  # CPU activations: freed memory back to the OS each step (host_memory.py)
         self.model = build_model(self.model_args, self.finetune_args, self.model_path, strategy)
         self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning does not flip it
         self.cross_entropy = resolve_cross_entropy(self.model_args.cross_entropy, self.model, strategy)
