@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py                       # tiny model (+ SmolLM2-135M when found)
     python benchmarks/train_throughput.py --models smollm2 --repeats 3 --dataset insecure
     python benchmarks/train_throughput.py --em-variant sorted: --em-variant shuffled:data.group_by_length=false
-    python benchmarks/train_throughput.py --sides em --em-variant now: \
-        --em-variant plain:model.cross_entropy=plain --em-variant mmap:\$MALLOC_MMAP_THRESHOLD_=1048576
+    python benchmarks/train_throughput.py --sides em --em-variant now: --em-variant plain:model.cross_entropy=plain
+    python benchmarks/train_throughput.py --em-variant em: --em-variant 'mmap:$MALLOC_MMAP_THRESHOLD_=1048576'
 
 Every side trains the *same rows* (em's train split of ``--dataset``) with the same LoRA config, micro batch,
 max length, precision, optimizer settings and number of steps, each run in a **fresh subprocess** (so its peak
