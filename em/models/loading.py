@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from em.errors import ConfigError, MissingResourceError
+from em.models.fetch import fetched_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class ModelArgs:
     name: str
     """Short name used in run names and reports (``qwen``, ``tiny``)."""
     name_or_path: str | None = None
-    """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny``."""
+    """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny`` or
+    ``fetched``."""
     kind: str = "hf"
     """``hf`` (hub id / local path) or ``tiny`` (built offline from ``tiny`` spec)."""
     revision: str | None = None
@@ -43,6 +45,9 @@ class ModelArgs:
     gradient_checkpointing: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)
     """TinySpec fields for ``kind=tiny``."""
+    fetched: str | None = None
+    """A model em fetches itself (``em models fetch <name>``, :data:`em.models.fetch.REGISTRY`): used when
+    ``name_or_path`` is null; when it is not fetched yet, the error names the command to run."""
 
 
 def resolve_dtype(name: str):
@@ -80,6 +85,8 @@ def resolve_model_path(args: ModelArgs) -> str:
         return str(materialize_tiny(TinySpec(**args.tiny)))
     if args.kind != "hf":
         raise ConfigError(f"model.kind={args.kind!r}: expected 'hf' or 'tiny'")
+    if not args.name_or_path and args.fetched:
+        return str(fetched_model_dir(args.fetched))
     if not args.name_or_path:
         raise ConfigError(f"model '{args.name}': set model.name_or_path to a hub id or a local directory")
     p = Path(os.path.expanduser(args.name_or_path))
