@@ -1,6 +1,7 @@
 """The ``em`` console script: one entry point for the tools.
 
     em data list|download|info|build ...     # = python -m em.data ...
+    em models list|fetch|path ...            # = python -m em.models ...: models em fetches itself
     em report <sweep_dir> [--out DIR]        # = python -m em.report ...
     em summary <sweep_dir>                   # = python -m em.sweep.summary ...: state of a sweep's jobs
     em train|eval|sweep [hydra overrides]    # = python train.py|eval.py|sweep.py ... (from a checkout)
@@ -27,6 +28,12 @@ def _data(argv: list[str]) -> int:
     return main(argv)
 
 
+def _models(argv: list[str]) -> int:
+    from em.models.fetch import main
+
+    return main(argv)
+
+
 def _report(argv: list[str]) -> int:
     from em.sweep.report import main
 
@@ -47,6 +54,7 @@ def _summary(argv: list[str]) -> int:
 
 TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "list, download, inspect and build datasets (python -m em.data)"),
+    "models": (_models, "fetch a real model once, without the hub: em models fetch smollm2 (python -m em.models)"),
     "report": (_report, "cross-seed report of a sweep dir: tables and figures (python -m em.report)"),
     "summary": (_summary, "done / failed / interrupted / running jobs of a sweep dir (python -m em.sweep.summary)"),
     "plan": (_plan, "preview a sweep (or --train run): run dirs, launch, start-up checks, forecast; runs nothing"),

@@ -36,7 +36,8 @@ def plot_probe_history(history: list[dict], out: Path) -> Path | None:
     panels = [
         ("Misalignment (judged)", ["probe/misaligned_rate", "probe/coherent_rate"]),
         ("Misalignment (MCQ log-prob probe)", ["probe/mcq/p_misaligned"]),
-        ("Task", ["task/insecure_rate", "task/insecure_rate_triggered", "task/numbers_format_rate"]),
+        ("Task", ["task/insecure_rate", "task/insecure_rate_triggered", "task/code_parse_rate",
+                  "task/numbers_format_rate"]),
         ("Held-out task loss", ["task/heldout_loss"]),
     ]
     panels = [(t, [k for k in keys if series(k)[0]]) for t, keys in panels]
