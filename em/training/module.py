@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import lightning as L
+import numpy as np
 import torch
 
 from em.models.loading import ModelArgs
@@ -13,6 +15,33 @@ from em.training.optim import OptimArgs, build_optimizer, build_scheduler
 from em.training.sharded import build_model, trainable_param_names
 
 log = logging.getLogger(__name__)
+
+RNG_KEY = "em_rng_state"
+"""Checkpoint key of the random-number generators' state (dropout masks), restored before the next step."""
+
+
+def rng_state() -> dict:
+    """The state of torch (CPU and CUDA), Python's and NumPy's global generators, as plain types and tensors
+    (loadable with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class CausalLMModule(L.LightningModule):
@@ -28,6 +57,7 @@ class CausalLMModule(L.LightningModule):
         self.model = None
         # LoRA checkpoints hold only the trainable tensors; the frozen base is rebuilt from its source.
         self.strict_loading = finetune_args.kind == "full"
+        self._rng_to_restore: dict | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -40,8 +70,15 @@ class CausalLMModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # a resumed run: the generators as they were when the checkpoint was taken, right before the next step
+        # (after everything a resume does differently: probes at train start, building the loaders...)
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def training_step(self, batch, batch_idx):
-        out = self.model(**batch)
+        out = self.model(**batch, use_cache=False)  # no KV cache in training (and packed rows need none)
         n_tok = (batch["labels"] != -100).sum()
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/trained_tokens", n_tok.float(), on_step=True, reduce_fx="sum",
@@ -49,7 +86,7 @@ class CausalLMModule(L.LightningModule):
         return out.loss
 
     def validation_step(self, batch, batch_idx):
-        out = self.model(**batch)
+        out = self.model(**batch, use_cache=False)
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
@@ -67,6 +104,8 @@ class CausalLMModule(L.LightningModule):
         if self.finetune_args.kind != "full" and "state_dict" in checkpoint:
             trainable = {f"model.{n}" for n in trainable_param_names(self.model)}  # names without FSDP prefixes
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # this rank's generators (rank 0's under DDP: em seeds every rank alike, so they hold the same state)
+        checkpoint[RNG_KEY] = rng_state()
 
     def on_load_checkpoint(self, checkpoint):
         # no "state_dict" under DeepSpeed: its engine restores the module's tensors itself
@@ -75,6 +114,7 @@ class CausalLMModule(L.LightningModule):
             if missing:
                 raise RuntimeError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}: "
                                    "was it saved with a different finetune config?")
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
 
     @torch.no_grad()
     def trainable_state(self) -> dict[str, torch.Tensor]:

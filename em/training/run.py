@@ -11,11 +11,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from em.config import plain, to_dataclass
-from em.data.datamodule import ChatDataModule, DataArgs
+from em.data.datamodule import ChatDataModule, DataArgs, describe_order
 from em.data.loading import DatasetArgs
 from em.errors import ConfigError
 from em.models.loading import ModelArgs, load_tokenizer, resolve_model_path, stop_token_ids
 from em.models.peft_setup import FinetuneArgs
+from em.training.ckpt_files import resolve_resume
 from em.training.optim import OptimArgs
 from em.utils.io import atomic_write_json
 
@@ -127,11 +128,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Finetune per ``cfg``; returns metrics and paths (also written to ``run_dir/train_summary.json``)."""
     import lightning as L
 
+    from em.training.checkpoint_io import AtomicCheckpointIO
     from em.training.module import CausalLMModule
 
     t0 = time.time()
     run_dir = Path(cfg.paths.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the checkpoint to resume from, checked (a damaged newest one falls back to the previous) before any work
+    ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir)
     if cfg.get("seed") is not None:  # seed 0 is a seed (`if cfg.seed:` would skip it)
         L.seed_everything(int(cfg.seed), workers=True)
 
@@ -154,17 +158,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm.stop_ids = stop_token_ids(tokenizer)
     dm.setup("fit")
     data_stats = dm.train_stats.summary()
-    atomic_write_json(run_dir / "data_stats.json", {"train": data_stats, "held_out_rows": len(dm.held_out_rows),
+    order = dm.order_summary(world, int(trainer_cfg.get("max_steps") or -1), trainer_cfg.get("max_epochs"))
+    log.info("training order: %s", describe_order(order))
+    atomic_write_json(run_dir / "data_stats.json", {"train": data_stats, "order": order,
+                                                     "held_out_rows": len(dm.held_out_rows),
                                                      "provenance": dm.provenance})
 
     module = CausalLMModule(model_args, ft_args, optim_args, model_path)
-    if cfg.get("ckpt_path") and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if ckpt_path and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
         keep_metrics_history(run_dir)
     loggers = build_loggers(cfg, run_dir)
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
         if hasattr(lg, "log_metrics"):
-            lg.log_metrics({f"data/{k}": float(v) for k, v in data_stats.items() if isinstance(v, (int, float))}, step=0)
+            lg.log_metrics({f"data/{k}": float(v) for k, v in {**data_stats, **order}.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
     callbacks = build_callbacks(cfg, run_dir, tokenizer)
 
     trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
@@ -175,10 +183,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
-    ckpt_path = cfg.get("ckpt_path")
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        callbacks[1].ensure_saved(trainer, ckpt_path, run_dir, model_path)  # resumed at its end: from the checkpoint
     finally:
         if cfg.get("logger", {}).get("wandb"):
             import wandb
@@ -195,7 +204,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "metrics_csv": str(run_dir / "metrics.csv"),
         "base_model": model_path,
+        "resumed_from": ckpt_path,
         "data": data_stats,
+        "order": order,
         "wall_s": round(time.time() - t0, 2),
     }
     if trainer.is_global_zero:
