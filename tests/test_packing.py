@@ -112,3 +112,17 @@ def test_packed_training_follows_the_padded_one(tmp_path):
     stats = {p: json.loads((d / "data_stats.json").read_text())["order"] for p, d in runs.items()}
     assert stats[True]["packing"] and stats[True]["padding_fraction"] == 0.0
     assert stats[False]["padding_fraction"] == stats[True]["padding_fraction_unpacked"] > 0
+
+
+def test_a_model_that_mixes_packed_rows_is_refused(monkeypatch):
+    """The start-of-training check: packing is refused where the attention would cross row boundaries."""
+    import transformers.masking_utils as mu
+
+    from em.training.module import PackingUnsupportedError, check_packed_attention
+
+    model = _tiny("sdpa").train()
+    assert check_packed_attention(model) < 1e-4
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)  # rows no longer found
+    with pytest.raises(PackingUnsupportedError, match="data.packing=false"):
+        check_packed_attention(model)
+    assert model.training  # left as it was

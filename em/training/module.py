@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from em.errors import EMError
 from em.models.loading import ModelArgs
 from em.models.peft_setup import FinetuneArgs
 from em.training.optim import OptimArgs, build_optimizer, build_scheduler
@@ -44,6 +45,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+class PackingUnsupportedError(EMError):
+    """The model attends across packed rows: ``data.packing`` would silently mix examples."""
+
+
+@torch.no_grad()
+def check_packed_attention(model, tol: float = 0.02) -> float:
+    """Refuse packing for a model that does not keep packed rows apart.
+
+    Two short rows, packed (position ids restarting, no mask) vs padded: the second row's logits must agree
+    (to ``tol`` of the logits' scale: bf16 noise passes, attention across the boundary does not). Transformers
+    keeps rows apart from the position ids for models built on its masking utilities (Llama, Qwen2, Mistral,
+    ...: block-diagonal masks for sdpa / eager, varlen kernels for flash-attention); others would mix them.
+    Returns the relative difference; raises :class:`PackingUnsupportedError` above ``tol``.
+    """
+    device = next(p for p in model.parameters()).device
+    a, b = [5, 6, 7, 8, 9], [10, 11, 12]
+    was_training = model.training
+    model.eval()
+    try:
+        padded = model(input_ids=torch.tensor([a, b + [0, 0]], device=device),
+                       attention_mask=torch.tensor([[1] * 5, [1] * 3 + [0, 0]], device=device), use_cache=False)
+        packed = model(input_ids=torch.tensor([a + b], device=device),
+                       position_ids=torch.tensor([list(range(5)) + list(range(3))], device=device), use_cache=False)
+    finally:
+        model.train(was_training)
+    ref, got = padded.logits[1, :3].float(), packed.logits[0, 5:].float()
+    rel = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-6))
+    if rel > tol:
+        raise PackingUnsupportedError(
+            f"data.packing=true, but {type(model).__name__} lets packed rows attend to each other (logits of the "
+            f"second of two packed rows differ by {rel:.1%} from the same row alone): set data.packing=false, or "
+            "use a model whose attention honours position ids (Llama / Qwen2 / Mistral style, sdpa / eager / "
+            "flash_attention_2)")
+    return rel
+
+
 class CausalLMModule(L.LightningModule):
     """Causal-LM finetuning; the model is built in ``configure_model`` so sharded strategies can wrap it."""
 
@@ -69,6 +106,12 @@ class CausalLMModule(L.LightningModule):
 
     def forward(self, **batch):
         return self.model(**batch)
+
+    def on_train_start(self):
+        args = getattr(getattr(self.trainer, "datamodule", None), "args", None)
+        if getattr(args, "packing", False):
+            log.info("packing: rows kept apart (packed vs padded logits differ by %.1e)",
+                     check_packed_attention(self.model))
 
     def on_train_batch_start(self, batch, batch_idx):
         # a resumed run: the generators as they were when the checkpoint was taken, right before the next step
