@@ -137,6 +137,14 @@ def test_longest_first_is_a_one_off():
     off = plan_epoch(lengths, OrderSpec(16, 2, group_by_length=True), 0)
     assert max(lengths[i] for mb in off[0] for i in mb) < max(lengths)
     assert plan_epoch(lengths, on, 1) == plan_epoch(lengths, OrderSpec(16, 2, group_by_length=True), 1)
+    # the longest row in the short last step: it still comes first, and the short step stays last
+    lengths = [10] * 40 + [999]
+    for gbl in (False, True):
+        for world in (1, 2):
+            plan = plan_epoch(lengths, OrderSpec(16, 2, world=world, group_by_length=gbl, longest_first=True), 0)
+            assert 40 in [i for mb in plan[0] for i in mb]
+            assert [sum(len(mb) for mb in st) for st in plan] == [16, 16, 9 if world == 1 else 12]
+            assert sorted({i for st in plan for mb in st for i in mb}) == list(range(41))
 
 
 def test_spearman():

@@ -26,13 +26,14 @@ number of full micro-batches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from em.data.chat import IGNORE_INDEX, Encoded
 from em.errors import ConfigError
@@ -93,6 +94,22 @@ def _stratified_order(means: np.ndarray, rng: np.random.Generator, strata: int =
     return out
 
 
+def _longest_first(batches: list[np.ndarray], lens: np.ndarray, g: int, keep_sorted: bool) -> None:
+    """One-off: the step holding the longest row moves first, so an out-of-memory shows at step 0. A short last
+    step stays last (only the last step may be short): if it holds the longest row, that row changes places
+    with the shortest row of the first step instead."""
+    top = max(range(len(batches)), key=lambda i: (int(lens[batches[i]].max()), -i))
+    if len(batches[top]) == g or top == 0:
+        batches[0], batches[top] = batches[top], batches[0]
+        return
+    first, last = batches[0].copy(), batches[top].copy()
+    i, j = int(np.argmin(lens[first])), int(np.argmax(lens[last]))
+    first[i], last[j] = last[j], first[i]
+    if keep_sorted:
+        first, last = (b[np.argsort(-lens[b], kind="stable")] for b in (first, last))
+    batches[0], batches[top] = first, last
+
+
 def plan_epoch(lengths: Sequence[int], spec: OrderSpec, epoch: int) -> list[list[list[int]]]:
     """The optimizer steps of one epoch: ``steps[s]`` = the micro-batches (row indices) of step ``s``, all ranks,
     rank ``r`` holding the ``r``-th ``1/world`` of them (see :func:`rank_batches`). Deterministic in
@@ -118,9 +135,7 @@ def plan_epoch(lengths: Sequence[int], spec: OrderSpec, epoch: int) -> list[list
     else:
         batches = [perm[i:i + g] for i in range(0, n, g)]  # a RandomSampler's order; the remainder last
     if spec.longest_first and epoch == 0 and len(batches) > 1:
-        # one-off: the step holding the longest row first, so an out-of-memory shows at step 0
-        top = max(range(len(batches)), key=lambda i: (int(lens[batches[i]].max()), -i))
-        batches[0], batches[top] = batches[top], batches[0]
+        _longest_first(batches, lens, g, spec.group_by_length)
     unit = spec.micro_batch * spec.world
     last = batches[-1]
     if spec.world > 1 and len(last) % unit:
@@ -195,11 +210,12 @@ def order_stats(lengths: Sequence[int], steps: Sequence[Sequence[Sequence[int]]]
 
 
 # -- the sampler and the loader ---------------------------------------------------------------------------------
-class StepBatchSampler(DistributedSampler):
-    """Yields this rank's micro-batches (lists of row indices) of the plan of :func:`plan_epoch`.
+class StepSampler(DistributedSampler):
+    """This rank's share of the plan of :func:`plan_epoch`: ``batches(epoch)`` are its micro-batches (row indices).
 
     A ``DistributedSampler`` so that Lightning does not wrap it in one of its own (it shards by itself).
-    ``set_epoch`` picks the epoch; ``start`` micro-batches of that epoch are skipped (a resumed run).
+    ``set_epoch`` picks the epoch; the first ``start`` micro-batches of that epoch are skipped (a resumed run).
+    Iterating it yields the rows of the remaining micro-batches, in order.
     """
 
     def __init__(self, lengths: Sequence[int], spec: OrderSpec, rank: int = 0):
@@ -214,16 +230,19 @@ class StepBatchSampler(DistributedSampler):
             self._plans = {epoch: rank_batches(plan_epoch(self.lengths, self.spec, epoch), self.rank, self.spec.world)}
         return self._plans[epoch]
 
+    def remaining(self) -> list[list[int]]:
+        return self.batches(self.epoch)[self.start:]
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start = 0  # a new epoch starts at its beginning
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.batches(self.epoch))
+        return sum(len(b) for b in self.batches(self.epoch))
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches(self.epoch)[self.start:])
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for b in self.remaining() for i in b])
 
     def fingerprint(self) -> str:
         """Identifies the order: the rows' lengths and the spec (a resume must follow the same one)."""
@@ -232,48 +251,65 @@ class StepBatchSampler(DistributedSampler):
         return h.hexdigest()[:16]
 
 
-class _Rows(Dataset):
-    """Encoded rows, indexed by a list of row indices (one micro-batch) at a time."""
+class StepBatchSampler(BatchSampler):
+    """The micro-batches of a :class:`StepSampler` (``batch_size`` = the micro-batch size, for tools that read
+    it, e.g. Lightning's DeepSpeed strategy)."""
 
-    def __init__(self, examples: Sequence[Encoded]):
-        self.examples = examples
+    def __init__(self, sampler: StepSampler):
+        super().__init__(sampler, batch_size=sampler.spec.micro_batch, drop_last=False)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.sampler.remaining())
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.sampler.batches(self.sampler.epoch))
 
-    def __getitem__(self, idx: list[int]) -> list[Encoded]:
-        return [self.examples[i] for i in idx]
+
+_uses = itertools.count(1)
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader over a :class:`StepBatchSampler` that knows where it is: ``state_dict()`` holds the epoch and
     the micro-batches this rank has yielded in it; ``load_state_dict()`` makes the next iteration continue there.
 
-    It satisfies Lightning's ``_Stateful`` protocol (so Lightning stores it with the fit loop); em's datamodule
-    also stores it itself, because Lightning skips restoring loader states whose loader was built before the
-    checkpoint was restored (Lightning-AI/pytorch-lightning#20550, which ``estimated_stepping_batches`` triggers).
-    Counts are exact because Lightning does not prefetch from a loader with a length.
+    Its ``sampler`` is the :class:`StepSampler` (a ``DistributedSampler``: Lightning leaves the loader as it is and
+    calls its ``set_epoch``). It satisfies Lightning's ``_Stateful`` protocol (so Lightning stores its state with
+    the fit loop); em's datamodule also stores it itself, because Lightning skips restoring loader states whose
+    loader was built before the checkpoint was restored (Lightning-AI/pytorch-lightning#20550, which
+    ``estimated_stepping_batches`` triggers). Counts are exact: Lightning does not prefetch from a loader with
+    a length.
     """
 
     def __init__(self, examples: Sequence[Encoded], spec: OrderSpec, collate_fn, rank: int = 0,
                  num_workers: int = 0):
-        sampler = StepBatchSampler([len(e.input_ids) for e in examples], spec, rank)
-        # batch_size=None: the sampler yields whole micro-batches; a private generator keeps the global RNG
-        # (dropout) untouched when an iterator is created
-        super().__init__(_Rows(examples), batch_size=None, sampler=sampler, collate_fn=collate_fn,
+        self._steps = StepSampler([len(e.input_ids) for e in examples], spec, rank)
+        # a private generator keeps the global RNG (dropout) untouched when an iterator is created
+        super().__init__(examples, batch_sampler=StepBatchSampler(self._steps), collate_fn=collate_fn,
                          num_workers=num_workers, generator=torch.Generator().manual_seed(spec.seed))
-        self.step_sampler = sampler
         self.yielded = 0
         self.iter_epoch: int | None = None  # the epoch of the iterator that counts ``yielded``
+        self.last_use = 0  # when its last iterator started (the datamodule saves the loader in use)
+
+    @property
+    def sampler(self) -> StepSampler:
+        return self._steps
+
+    @sampler.setter
+    def sampler(self, value) -> None:  # DataLoader.__init__ sets a default one; the batch sampler decides
+        pass
+
+    @property
+    def step_sampler(self) -> StepSampler:
+        return self._steps
 
     def state_dict(self) -> dict:
-        s = self.step_sampler
+        s = self._steps
         done = self.yielded if self.iter_epoch == s.epoch else s.start  # its iterator may not have started yet
         return {"epoch": int(s.epoch), "micro_batches": int(done), "fingerprint": s.fingerprint(),
                 "world": s.spec.world, "rank": s.rank, "order": s.spec.kind}
 
     def load_state_dict(self, state: dict) -> None:
-        s = self.step_sampler
+        s = self._steps
         if state.get("fingerprint") != s.fingerprint():
             raise ConfigError(
                 "the checkpoint's data order differs from this run's (another dataset, max_length, seed, batch "
@@ -306,7 +342,7 @@ class _CountingIter:
     def __next__(self):
         ld = self.loader
         if self.it is None:
-            ld.yielded, ld.iter_epoch = ld.step_sampler.start, ld.step_sampler.epoch
+            ld.yielded, ld.iter_epoch, ld.last_use = ld.step_sampler.start, ld.step_sampler.epoch, next(_uses)
             self.it = DataLoader.__iter__(ld)
         batch = next(self.it)  # StopIteration ends the epoch with yielded == len
         ld.yielded += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import lightning as L
@@ -70,8 +71,8 @@ class ChatDataModule(L.LightningDataModule):
         self.train_examples = None
         self.val_examples = None
         self.train_stats: EncodeStats | None = None
-        self._loader: ResumableLoader | None = None
-        self._pending_state: dict | None = None
+        self._loaders: list[weakref.ref] = []  # every train loader built (Lightning may build several)
+        self._order_state: dict | None = None  # loaded from a checkpoint, for loaders not built yet
 
     # -- rows ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -157,25 +158,30 @@ class ChatDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world = int(trainer.world_size) if trainer is not None else 1
         rank = int(trainer.global_rank) if trainer is not None else 0
-        self._loader = ResumableLoader(self.train_examples, self.order_spec(world), self._collator(), rank=rank,
-                                       num_workers=a.num_workers)
-        if self._pending_state is not None:
-            self._loader.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self._loader
+        loader = ResumableLoader(self.train_examples, self.order_spec(world), self._collator(), rank=rank,
+                                 num_workers=a.num_workers)
+        if self._order_state is not None and not any(ld.last_use for ld in self._live_loaders()):
+            loader.load_state_dict(self._order_state)
+        self._loaders.append(weakref.ref(loader))
+        return loader
+
+    def _live_loaders(self) -> list[ResumableLoader]:
+        return [ld for ld in (r() for r in self._loaders) if ld is not None]
 
     # -- resumable order: Lightning saves and restores this with every checkpoint -----------------------------
     def state_dict(self) -> dict:
-        return {"train_loader": self._loader.state_dict()} if self._loader is not None else {}
+        live = self._live_loaders()
+        if not live:
+            return {}
+        in_use = max(live, key=lambda ld: ld.last_use)  # the one training iterates (others: e.g. DeepSpeed's probe)
+        return {"train_loader": in_use.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        loader_state = (state or {}).get("train_loader")
-        if loader_state is None:
-            return
-        if self._loader is not None:  # built already (e.g. DeepSpeed restores after setup)
-            self._loader.load_state_dict(loader_state)
-        else:
-            self._pending_state = loader_state
+        """Before the loaders exist (most strategies) or after (DeepSpeed restores after its setup): both work."""
+        self._order_state = (state or {}).get("train_loader")
+        if self._order_state is not None:
+            for ld in self._live_loaders():
+                ld.load_state_dict(self._order_state)
 
     def val_dataloader(self):
         if not self.val_examples:
