@@ -158,6 +158,10 @@ class CausalLMModule(L.LightningModule):
                 raise RuntimeError(f"checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}: "
                                    "was it saved with a different finetune config?")
         self._rng_to_restore = checkpoint.get(RNG_KEY)
+        if self._rng_to_restore is None or "ChatDataModule" not in checkpoint:
+            log.warning("this checkpoint was written by an older em (no data-order / random state in it): training "
+                        "resumes at its step, but its epoch's data order restarts and dropout draws differ from an "
+                        "uninterrupted run")
 
     @torch.no_grad()
     def trainable_state(self) -> dict[str, torch.Tensor]:
