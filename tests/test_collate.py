@@ -54,7 +54,7 @@ def check_no_curriculum(lengths: list[int]) -> dict:
     assert st["steps"] == -(-len(lengths) // 16)
     assert abs(st["spearman_step_vs_length"]) < 0.1, st
     assert abs(st["spearman_position_in_50_vs_length"]) < 0.1, st
-    assert st["max_abs_spearman_within_50"] < 0.25, st  # each 50-step window alone: 50 points, still flat
+    assert st["max_abs_spearman_within_50"] < 0.15, st  # each 50-step window alone (50 seeds: max 0.12)
     assert st["padding_fraction"] < 0.05, st
     # all micro-batches of one optimizer step come from one length bucket: padded as one batch, a step still
     # wastes < 5% (random steps: ~53%)
