@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ class SamplingArgs:
     max_new_tokens: int = 600
     batch_size: int = 16
     """Prompts per ``generate`` call (HF backend)."""
-    seed: int = 0
+    seed: Optional[int] = None
+    """Sampling seed; null = the run's top-level ``seed`` (what ``eval.py seed=N`` and every sweep job set)."""
     backend: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (vLLM when installed and a GPU is present)."""
 
@@ -107,7 +108,7 @@ class HFSampler:
         outs: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
-        with eval_mode(self.model), isolated_rng(a.seed if seed is None else seed):
+        with eval_mode(self.model), isolated_rng(seed if seed is not None else (a.seed or 0)):
             for i in range(0, len(order), a.batch_size):
                 idx = order[i: i + a.batch_size]
                 chunk = [prompts[j] for j in idx]
@@ -141,7 +142,7 @@ class VLLMSampler:
         from vllm import LLM  # noqa: F401  (import error is the gate)
 
         self.llm = LLM(model=model_path, enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank,
-                       seed=args.seed, trust_remote_code=False, **llm_kwargs)
+                       seed=args.seed or 0, trust_remote_code=False, **llm_kwargs)
         self.tokenizer = tokenizer
         self.args = args
         self.adapter_path = adapter_path
@@ -155,7 +156,7 @@ class VLLMSampler:
         budgets = list(max_new_tokens or [a.max_new_tokens] * len(conversations))
         # one SamplingParams per prompt (vLLM accepts a list) so each keeps its own token budget
         # (and its own seed: one shared per-request seed would give every prompt the same random stream)
-        base = a.seed if seed is None else seed
+        base = seed if seed is not None else (a.seed or 0)
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=int(b), seed=base + i)
                   for i, b in enumerate(budgets)]
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)

@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import em.eval.config  # noqa: F401  (registers the eval / judge schemas conf/sweep.yaml's groups extend)
 from em.config import plain
 from em.errors import ConfigError
 from em.sweep import provenance
@@ -230,6 +231,7 @@ def build_eval_cfg(cfg: DictConfig, variant: Mapping[str, Any], weights: Path, o
         "model": model,
         "eval": OmegaConf.to_container(ev, resolve=True),
         "judge": OmegaConf.to_container(cfg.judge, resolve=True),
+        "judges": OmegaConf.to_container(cfg.judges, resolve=True) if cfg.get("judges") else {},
         "adapter": adapter,
         "merge_adapter": bool(sweep_cfg.get("merge_adapter", False)),
         "dataset_name": dataset_name,

@@ -16,7 +16,10 @@ The answer distribution comes from ``responder(body) -> {token: probability}``; 
 * ``[[refuse]]``       -> mostly non-numeric tokens (numeric mass 0.05: a *missing* score)
 * otherwise            -> ``{"50": 0.6, "60": 0.3, "I": 0.1}`` (score 160/3 = 53.33...)
 
-Faults (a queue; each is consumed by the next request to arrive): ``"429"`` (with a
+``GET /v1/models`` answers with the models seen so far (or ``fake``) and is counted in ``model_list_count``
+only (not in ``requests`` / ``count``): it is what a judge's start-up probe asks.
+
+Faults (a queue; each is consumed by the next chat-completions request to arrive): ``"429"`` (with a
 ``Retry-After`` header when ``retry_after_s`` is set) or any other HTTP status code as a string,
 ``"timeout"`` (the server sleeps ``timeout_sleep_s`` before answering), ``"malformed"``
 (HTTP 200 with an invalid JSON body), ``"empty_logprobs"`` (HTTP 200, ``logprobs.content == []``),
@@ -94,6 +97,7 @@ class FakeOpenAIServer:
         self.requests: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.max_in_flight = 0
+        self.model_list_count = 0
         self._faults: deque[str] = deque(_check_fault(f) for f in faults)
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -205,6 +209,16 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
             body = {"error": {"message": message, "type": "fake_error", "code": status}}
             self._send(status, json.dumps(body).encode(), headers)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if not self.path.rstrip("/").endswith("/models"):
+                self._error(404, f"unknown path {self.path}")
+                return
+            with server._lock:
+                server.model_list_count += 1
+                names = sorted({str(b.get("model")) for b in server.requests if b.get("model")}) or ["fake"]
+            data = [{"id": n, "object": "model", "created": 0, "owned_by": "em-fake"} for n in names]
+            self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             length = int(self.headers.get("Content-Length") or 0)
