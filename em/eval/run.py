@@ -231,16 +231,6 @@ def _forecast(cfg: DictConfig, ev: EvalArgs, sampler, requests: Sequence[SampleR
                             api_latency_s=ev.forecast.api_latency_s, warmup_s=warm)
 
 
-def _tokens(sampler, texts: Sequence[str]) -> int | None:
-    tok = getattr(sampler, "tokenizer", None)
-    if tok is None:
-        return None
-    try:
-        return int(sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts))
-    except Exception:  # a tokenizer that cannot encode: the count is only informative
-        return None
-
-
 def judge_failures(records: Sequence[dict], judge_name: str, primary: bool) -> tuple[int, str | None]:
     """Answers with at least one failed judgment of this judge, and the first error text."""
     n, first = 0, None
@@ -291,6 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     progress = bool(cfg.get("progress", True))
     journal = AnswerJournal(out_dir / ANSWERS_FILE, run_token=f"{os.getpid()}-{int(t0)}")
+    tokens_before = getattr(sampler, "tokens_generated", None)  # after the warm-up, whose answers are discarded
     t_sample = time.time()
     answers = sample_answers(sampler, requests, progress=progress, seed=seed, batch_size=sampling.batch_size,
                              done=done, on_chunk=journal)
@@ -331,8 +322,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     summary["forecast"] = forecast.as_dict()
     summary["actual"] = fc.actual_eval(
         n_answers=len(records), n_sampled=journal.n, judges=judges, sampling_s=t_sample, judging_s=t_judge,
-        wall_s=wall, tokens_generated=_tokens(sampler, [answers[i] for i, r in enumerate(requests)
-                                                         if request_key(r) not in done]))
+        wall_s=wall, tokens_generated=(sampler.tokens_generated - tokens_before) if tokens_before is not None else None)
     failures = {j.name: judge_failures(records, j.name, i == 0) for i, j in enumerate(judges)}
     summary["meta"]["judge_failures"] = {n: c for n, (c, _) in failures.items()}
     write_summary(out_dir, summary)

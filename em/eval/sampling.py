@@ -84,6 +84,8 @@ class HFSampler:
 
             stop_ids = sorted(stop_token_ids(tokenizer, model))
         self.stop_ids = list(stop_ids)
+        self.tokens_generated = 0
+        """New tokens generated so far (each answer up to and including its stop token, at most its budget)."""
 
     def render(self, conv: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -128,6 +130,9 @@ class HFSampler:
                 )
                 new = gen[:, enc["input_ids"].shape[1]:]
                 for row, j in enumerate(idx):
+                    ids = new[row, :budgets[j]].tolist()
+                    stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+                    self.tokens_generated += len(ids) if stop is None else stop + 1
                     outs[j] = tok.decode(new[row, :budgets[j]], skip_special_tokens=True)
                 bar.update(len(chunk))
         bar.close()
@@ -146,6 +151,7 @@ class VLLMSampler:
         self.tokenizer = tokenizer
         self.args = args
         self.adapter_path = adapter_path
+        self.tokens_generated = 0
 
     def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None,
                max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
@@ -163,6 +169,7 @@ class VLLMSampler:
                    for c in conversations]
         lora = LoRARequest("adapter", 1, self.adapter_path) if self.adapter_path else None
         results = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=progress)
+        self.tokens_generated += sum(len(o.token_ids) for r in results for o in r.outputs)
         return [[o.text for o in r.outputs] for r in results]
 
 

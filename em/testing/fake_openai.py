@@ -89,8 +89,11 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         timeout_sleep_s: float = 5.0,
         retry_after_s: float | None = None,
+        required_key: str | None = None,
     ):
+        """``required_key``: answer HTTP 401 to any request without ``Authorization: Bearer <required_key>``."""
         self.responder = responder or default_responder
+        self.required_key = required_key
         self.delay_s = delay_s
         self.timeout_sleep_s = timeout_sleep_s
         self.retry_after_s = retry_after_s
@@ -210,8 +213,16 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             body = {"error": {"message": message, "type": "fake_error", "code": status}}
             self._send(status, json.dumps(body).encode(), headers)
 
+        def _unauthorized(self) -> bool:
+            if server.required_key is None or self.headers.get("Authorization") == f"Bearer {server.required_key}":
+                return False
+            self._error(401, "Incorrect API key provided")
+            return True
+
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            if not self.path.rstrip("/").endswith("/models"):
+            if self._unauthorized():
+                return
+            if self.path.split("?")[0].rstrip("/") != "/v1/models":
                 self._error(404, f"unknown path {self.path}")
                 return
             with server._lock:
@@ -223,13 +234,15 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
                 self._error(404, f"unknown path {self.path}")
                 return
             try:
                 body = json.loads(raw)
             except ValueError:
                 self._error(400, "request body is not JSON")
+                return
+            if self._unauthorized():
                 return
             fault = server._admit(body, self.headers.get("Authorization"))
             try:

@@ -225,12 +225,12 @@ class OpenAIJudge(Judge):
         return key
 
     def _client(self, key: str | None, attempts: Counter | None = None, max_retries: int | None = None,
-                timeout_s: float | None = None) -> AsyncOpenAI:
-        """An SDK client whose HTTP layer counts every request (retries included) into ``stats.sent`` and
-        ``attempts[<judgment id>]``."""
+                timeout_s: float | None = None, count: bool = True) -> AsyncOpenAI:
+        """An SDK client whose HTTP layer counts every request (retries included) into ``stats.sent`` (unless
+        ``count`` is off: the start-up probe is not a judgment) and ``attempts[<judgment id>]``."""
 
         async def on_request(request: httpx.Request) -> None:
-            self.stats.sent += 1
+            self.stats.sent += count
             if attempts is not None and (rid := request.headers.get(_REQUEST_ID_HEADER)) is not None:
                 attempts[rid] += 1
 
@@ -311,7 +311,7 @@ class OpenAIJudge(Judge):
 
         async def run() -> None:
             key = self._api_key()
-            async with self._client(key, max_retries=1, timeout_s=min(self.timeout_s, 15.0)) as client:
+            async with self._client(key, max_retries=1, timeout_s=min(self.timeout_s, 15.0), count=False) as client:
                 try:
                     await client.models.list(extra_headers=_auth_headers(key))
                     return
