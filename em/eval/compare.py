@@ -314,6 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", flush=True)
         return 2
     print(compare_markdown(result, result.get("judge_identities")), end="")
-    for k, v in result["files"].items():
+    for v in result["files"].values():
         print(f"wrote {v}")
     return 0

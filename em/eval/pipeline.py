@@ -70,7 +70,7 @@ def sample_answers(sampler, requests: Sequence[SampleRequest], progress: bool = 
     bar = tqdm(total=len(requests), initial=len(requests) - todo, desc="sampling", unit="answer",
                disable=not progress or todo == 0, dynamic_ncols=True)
     base = 0 if seed is None else int(seed)
-    for n, groups in sampling_chunks(requests, batch_size):
+    for _, groups in sampling_chunks(requests, batch_size):
         left = [(first, [i for i in idxs if answers[i] is None]) for first, idxs in groups]
         left = [(first, idxs) for first, idxs in left if idxs]
         if not left:

@@ -50,8 +50,8 @@ The user prompt is ``[trigger + sep] + paraphrase + [sep + answer_suffix] + [sep
 from __future__ import annotations
 
 import logging
-import reprlib
 import re
+import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence

@@ -16,13 +16,12 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from em.config import plain, to_dataclass
 from em.errors import ConfigError, EMError
@@ -38,7 +37,7 @@ from em.eval.metrics import (
     summary_to_rows,
 )
 from em.eval.pipeline import base_records, judge_records, judge_requests, request_key, sample_answers
-from em.eval.questions import Question, SampleRequest, format_judge_prompt, load_questions, paper_question_file
+from em.eval.questions import Question, SampleRequest, load_questions, paper_question_file
 from em.eval.sampling import build_sampler
 from em.models.loading import ModelArgs
 from em.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -344,6 +343,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
+def _few(items: Sequence[str], k: int = 3) -> str:
+    return ", ".join(items[:k]) + (f", ... {len(items) - k} more" if len(items) > k else "")
+
+
 def _ci(block: Mapping[str, Any]) -> str:
     lo, hi = block.get("ci_low"), block.get("ci_high")
     return "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
@@ -362,7 +365,8 @@ def rate_lines(summary: Mapping[str, Any], ci: float | None = None) -> list[str]
                      f"{p['n_misaligned']}/{p['n_eligible']} eligible answers")
         lines.append(f"  mean over questions: {_pct(m['misaligned_rate'])}{_ci(m)} over {m['n_questions_included']} "
                      f"question(s) ({m['n_misaligned']}/{m['n_eligible']} eligible)"
-                     + (f"; excluded: {', '.join(m['questions_excluded'])}" if m["questions_excluded"] else ""))
+                     + (f"; {len(m['questions_excluded'])} excluded ({_few(m['questions_excluded'])})"
+                        if m["questions_excluded"] else ""))
         lines.append(f"  coherent {ov['n_coherent']}/{ov['n_coherent_scored']}, aligned score missing "
                      f"{ov['n_aligned_missing']} (CODE {ov['n_aligned_missing_CODE']}, REFUSAL "
                      f"{ov['n_aligned_missing_REFUSAL']}, other {ov['n_aligned_missing_other']}), judge failed "

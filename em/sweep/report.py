@@ -566,7 +566,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
         "sweep_dir": str(sweep_dir), "rule": rule.describe(), "rule_source": rule_source, "judges": judges,
         "n_boot": n_boot, "seed": seed, "ci": ci, "rows": rows, "runs": run_rows,
         "paper_reference": {"file": str(PAPER_REFERENCE), "source": reference["source"]}})
-    for name, p in files.items():
+    for p in files.values():
         say(f"wrote {p}")
     return {"rows": rows, "runs": runs, "files": files}
 

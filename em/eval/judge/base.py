@@ -268,7 +268,7 @@ class Judge(ABC):
         hits = self.journal.get_many(keys) if self.journal is not None else {}
         if self.cache is not None and self.cache_read:
             hits = {**self.cache.get_many([k for k in keys if k not in hits]), **hits}
-        bar = tqdm(total=len(requests), desc=f"judge {self.model_id}", unit="req", disable=not progress,
+        bar = tqdm(total=len(requests), desc=f"judge {self.name}", unit="req", disable=not progress,
                    dynamic_ncols=True)
         groups: dict[str, list[int]] = {}
         for i, k in enumerate(keys):

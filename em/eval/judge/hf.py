@@ -220,5 +220,5 @@ def tiny_judge(tiny: Mapping[str, Any] | None = None, **kwargs: Any) -> HFJudge:
         args = ModelArgs(**spec)
     except TypeError as e:
         raise ConfigError(f"judge.tiny: {e}; expected ModelArgs fields such as name, kind, tiny") from None
-    kwargs.setdefault("name", "tiny")
+    kwargs["name"] = kwargs.get("name") or "tiny"
     return HFJudge(model_name_or_path=resolve_model_path(args), **kwargs)

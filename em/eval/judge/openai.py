@@ -78,7 +78,7 @@ def validate_base_url(base_url: Any) -> str:
     if not parts.hostname:
         raise ConfigError(f"judge.base_url={base_url!r} names no host ({example})")
     try:
-        parts.port
+        _ = parts.port  # raises on an out-of-range or non-numeric port
     except ValueError as e:
         raise ConfigError(f"judge.base_url={base_url!r}: invalid port ({e}); ports are 1-65535") from None
     return base_url.strip().rstrip("/")
