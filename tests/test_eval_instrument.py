@@ -277,3 +277,21 @@ def test_killed_eval_does_not_rejudge_what_it_judged(tmp_path):
     # judgments answered before the kill are not asked again (at most the one in flight is)
     assert 44 - asked_before <= asked_again <= 44 - asked_before + 1
     assert s["meta"]["answers_resumed"] == 22 and s["overall"]["pooled"]["n_eligible"] == 22
+
+
+def test_every_eval_and_judge_option_composes_and_checks():
+    from em.eval.config import eval_args
+    from em.eval.judge.config import check_judge_config
+
+    for f in sorted((REPO / "conf" / "eval").glob("*.yaml")):
+        ev = eval_args(compose_eval([f"eval={f.stem}"], "/tmp/unused").eval)
+        assert ev.questions and ev.sampling.seed is None, f.stem  # sampling follows the run's seed
+    for f in sorted((REPO / "conf" / "judge").glob("*.yaml")):
+        cfg = compose_eval([f"judge={f.stem}"], "/tmp/unused").judge
+        if f.stem == "hf":
+            with pytest.raises(ConfigError, match=r"required key\(s\) \['model_name_or_path'\]"):
+                check_judge_config(cfg)
+            cfg.model_name_or_path = "/models/x"
+        assert check_judge_config(cfg)._target_.startswith("em.eval.judge.")
+    with pytest.raises(ConfigError, match="judge kind 'openai' is now selected with its _target_"):
+        check_judge_config({"kind": "openai", "model": "m"})

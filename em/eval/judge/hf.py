@@ -145,6 +145,9 @@ class HFJudge(Judge):
             "dtype": str(getattr(self.model, "dtype", "")),
         }
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": "hf", "revision": self.revision, "batch_size": self.batch_size}
+
     def __repr__(self) -> str:
         return (f"HFJudge(name={self.name!r}, model_id={self._model_id!r}, batch_size={self.batch_size}, "
                 f"top_k={self.top_k})")
