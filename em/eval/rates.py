@@ -14,7 +14,6 @@ compute through them, so a rate has one implementation whether it is computed by
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ def load_metric(name: str) -> Any:
     """One of em's metric modules, loaded offline with ``evaluate.load(<local path>)``."""
     if name not in MODULE_NAMES:
         raise ValueError(f"unknown em metric module {name!r}; known: {MODULE_NAMES}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local path needs no hub; never try to reach it
     # evaluate pulls in datasets/pyarrow/pandas (~5 s on a loaded CPU box): imported when a rate is first
     # computed, not by every module that imports em.eval.metrics
     import evaluate
