@@ -149,7 +149,9 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     """Answers of an earlier run of the same evaluation in ``out_dir`` (request key -> answer); writes the
     state file. A different evaluation's answers are an error (or discarded with ``resume=false``)."""
     state_path, answers_path = out_dir / STATE_FILE, out_dir / ANSWERS_FILE
-    if not resume:
+    if not resume or (not state_path.exists() and answers_path.exists()):
+        if resume:  # journals without the state that says which evaluation wrote them cannot be trusted
+            log.warning("%s has %s but no %s: starting over", out_dir, ANSWERS_FILE, STATE_FILE)
         for p in [state_path, answers_path, *out_dir.glob("judgments-*.sqlite*")]:
             p.unlink(missing_ok=True)
     if state_path.exists():

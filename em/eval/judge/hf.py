@@ -30,13 +30,19 @@ log = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json")
 
 
-def _dir_fingerprint(path: Path) -> str:
-    """Cheap identity of a local checkpoint directory: names, sizes and mtimes of its files."""
+def _dir_fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
+    """Cheap content identity of a local checkpoint directory: for each weight/config file its name, size and
+    the sha256 of up to 1 MiB at its start, middle and end. Content-based (not mtimes), so the same weights
+    copied to another machine or cache are the same judge, and finetuned weights of the same shapes are not."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\n".encode())
+            with open(f, "rb") as fh:
+                for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                    fh.seek(off)
+                    h.update(fh.read(sample_bytes))
     return h.hexdigest()[:16]
 
 
