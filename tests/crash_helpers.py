@@ -96,6 +96,25 @@ class KillAt(L.Callback):
             die()
 
 
+class WaitForFile(L.Callback):
+    """Hold training after its first batch until ``path`` exists (at most ``timeout_s``): makes "a job is being
+    run" a state the test controls instead of a race against the machine's speed."""
+
+    def __init__(self, path: str, timeout_s: float = 600.0):
+        self.path, self.timeout_s, self.waited = path, float(timeout_s), False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+        from pathlib import Path
+
+        if self.waited:
+            return
+        self.waited = True
+        deadline = time.monotonic() + self.timeout_s
+        while not Path(self.path).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def main(argv: list[str]) -> None:
     from tests.helpers import compose_train
     from em.training.run import train

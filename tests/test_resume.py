@@ -27,7 +27,7 @@ from tests.helpers import chat, compose_train
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10  # 6 steps per epoch: the run crosses an epoch boundary
 RUN = ["dataset.held_out=0", "data.global_batch_size=8", "data.micro_batch_size=4", f"trainer.max_steps={STEPS}",
-       "trainer.enable_progress_bar=false", "callbacks=none", "checkpoint.every_n_train_steps=2",
+       "trainer.enable_progress_bar=false", "callbacks=none", "callbacks.checkpoint.every_n_train_steps=2",
        "finetune.dropout=0.1",  # dropout draws random numbers: the RNG state must resume too
        "data.group_by_length=true", "data.bucket_batches=2"]
 
@@ -49,8 +49,8 @@ def _cfg(run_dir: Path, rows_file: Path, *extra: str):
 
 def _crash_at(step: int) -> list[str]:
     """Overrides that make a run raise when optimizer step ``step`` is done (and checkpointed if due)."""
-    return ["+callbacks.crash._target_=tests.crash_helpers.KillAt", "+callbacks.crash.phase=raise",
-            f"+callbacks.crash.step={step}"]
+    return ["+callbacks.extra.crash._target_=tests.crash_helpers.KillAt", "+callbacks.extra.crash.phase=raise",
+            f"+callbacks.extra.crash.step={step}"]
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -187,8 +187,8 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path):
 # -- SIGKILL at random points (child processes) ------------------------------------------------------------------
 def _killed(run_dir: Path, rows_file: Path, killer: dict, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [f"+callbacks.killer._target_=tests.crash_helpers.KillAt",
-            *(f"+callbacks.killer.{k}={v}" for k, v in killer.items())]
+    args = ["+callbacks.extra.killer._target_=tests.crash_helpers.KillAt",
+            *(f"+callbacks.extra.killer.{k}={v}" for k, v in killer.items())]
     r = subprocess.run([sys.executable, "-m", "tests.crash_helpers", str(run_dir), f"dataset.path={rows_file}",
                         *RUN, *extra, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, f"{killer}: expected SIGKILL, got {r.returncode}\n{r.stderr[-3000:]}"

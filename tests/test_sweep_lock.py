@@ -77,24 +77,29 @@ def test_heartbeat_keeps_a_long_job_fresh(tmp_path):
 @pytest.mark.slow
 def test_two_sweeps_on_one_grid_run_each_job_once(tmp_path):
     env = _env(tmp_path)
+    go = tmp_path / "go"  # the first sweep's job waits after its first step until the test creates this file
     args = [sys.executable, str(REPO / "sweep.py"), "-m", "experiment=demo", "seed=0", "trainer.max_steps=40",
-            "callbacks=none", "sweep.eval_variants=[]", f"paths.output_root={tmp_path}"]
-    job = tmp_path / "sweeps" / "demo" / "callbacks=none,sweep.eval_variants=[],trainer.max_steps=40" / "seed=0"
+            "callbacks=none", "sweep.eval_variants=[]", f"paths.output_root={tmp_path}",
+            "+callbacks.extra.gate._target_=tests.crash_helpers.WaitForFile", f"+callbacks.extra.gate.path={go}"]
+    sweep_dir = tmp_path / "sweeps" / "demo"
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (job / LOCK_FILE).exists():  # the first sweep has started the job
+        while not (locks := list(sweep_dir.glob(f"*/seed=0/{LOCK_FILE}"))):  # the first sweep started the job
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.2)
+        job = locks[0].parent
         second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stderr[-3000:]
         assert "skip (being run by proc:" in second.stdout and "sweep.on_locked=wait" in second.stdout
         summary = summarize_sweep(tmp_path / "sweeps" / "demo", write=False)
         assert [j["action"] for j in summary["jobs"]] == ["running"]  # seen from outside: running elsewhere
+        go.touch()  # let the first job finish while the waiter waits for its lock
         waiter = subprocess.run(args + ["sweep.on_locked=wait"], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=900)
         out, _ = first.communicate(timeout=900)
     finally:
+        go.touch()
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, out[-3000:]
