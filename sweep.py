@@ -14,10 +14,9 @@ Hydra callback (em.sweep.summary.SweepSummary).
 import hydra
 from omegaconf import DictConfig
 
+import em.schemas  # noqa: F401  (the config schemas, registered with Hydra)
 from em.cli_common import friendly_errors, quiet_third_party
-from em.sweep.job import register_resolvers, run_job
-
-register_resolvers()  # ${em.num_gpus:} (hydra/launcher=local_parallel)
+from em.sweep.job import run_job  # importing it registers ${em.num_gpus:}, ${em.job_subdir:...} (resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")

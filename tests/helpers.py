@@ -35,6 +35,8 @@ def templated_tokenizer(template: str, eos: str | None = None, bos: str | None =
 def compose_train(overrides: list[str], run_dir: str | None = None):
     from hydra import compose, initialize_config_dir
 
+    import em.schemas  # noqa: F401  (registers the config schemas with Hydra)
+
     ov = list(overrides)
     if run_dir:
         ov.append(f"paths.run_dir={run_dir}")

@@ -13,7 +13,6 @@ from em.data.builders import (
     backdoor,
     build_from_recipe,
     dedup,
-    held_out_prompts,
     largest_remainder,
     mix,
     split,
@@ -144,12 +143,6 @@ def test_split_leaks_no_prompt():
     assert split(rows, held_out=0, seed=0)[1] == []
     with pytest.raises(BuildError, match="leaves no training rows"):
         split(rows, held_out=1000)
-
-    prompts = held_out_prompts(held)
-    assert len(prompts) == 100
-    for p, r in zip(prompts, held):
-        assert [m["role"] for m in p["messages"]] == ["user"]
-        assert p["reference"] == r["messages"][-1]["content"]
 
 
 def test_dedup_exact_and_near_counts():

@@ -64,6 +64,7 @@ def test_info_with_tokenizer(tmp_path, capsys):
     from em.models.tiny import materialize_tiny
 
     tok_dir = materialize_tiny()
+    capsys.readouterr()  # building the tiny model may import deepspeed (through accelerate), which prints a banner
     f = rows_file(tmp_path / "d.jsonl", 12)
     assert main(["info", str(f), "--json", "--tokenizer", str(tok_dir)]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -34,8 +34,8 @@ from em.errors import ConfigError
 from em.probes.bandit_scan import insecure_rate, scan
 
 EM = Path(__file__).resolve().parents[1] / "em"
-PROBES_YAML = EM / "eval" / "questions" / "mini_probes.yaml"
-MCQ_YAML = EM / "probes" / "mcq_items.yaml"
+PROBES_YAML = EM / "data" / "mini" / "probe_questions.yaml"
+MCQ_YAML = EM / "data" / "mini" / "mcq_items.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -117,35 +117,6 @@ def test_fsdp_wrap_policy_wraps_decoder_layers_and_lora_leaves():
         fsdp_wrap_policy(model, ["NoSuchLayer"])
 
 
-def test_prune_empty_param_groups_keeps_the_scheduler_aligned():
-    """em's optimizer has no empty groups; a user optimizer with one (e.g. a no-decay group a LoRA model
-    leaves empty) would break the LR scheduler once DeepSpeed drops it in place: pruning keeps both aligned."""
-    from em.training.optim import OptimArgs, build_optimizer, build_scheduler
-    from em.training.sharded import prune_empty_param_groups
-
-    model, _ = _tiny_peft()
-    opt = build_optimizer(model.named_parameters(), OptimArgs(lr=1e-3, warmup_steps=2))
-    assert [len(g["params"]) for g in opt.param_groups] == [28]  # LoRA: no empty no-decay group
-
-    def with_empty_group():
-        params = [p for p in model.parameters() if p.requires_grad]
-        o = torch.optim.AdamW([{"params": params, "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}], lr=1e-3)
-        return o, build_scheduler(o, OptimArgs(lr=1e-3, warmup_steps=2), 10)
-
-    opt, sched = with_empty_group()
-    opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]  # what DeepSpeed does in place ...
-    with pytest.raises(ValueError, match="zip"):
-        sched.step()  # ... and the scheduler breaks (torch >= 2.10)
-
-    opt, sched = with_empty_group()
-    assert prune_empty_param_groups(opt, sched) == 1
-    for _ in range(3):
-        opt.step()
-        sched.step()
-    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 7 / 8)
-    assert prune_empty_param_groups(opt, sched) == 0
-
-
 def test_gather_state_without_sharding_is_a_copy_with_clean_names():
     from em.training.sharded import clean_name, gather_state, trainable_param_names
 

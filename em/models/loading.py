@@ -12,10 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from em.errors import ConfigError, MissingResourceError
 from em.models.fetch import fetched_model_dir
 
 log = logging.getLogger(__name__)
+
+#: ``model.cross_entropy`` choices (implemented in em/training/loss.py)
+CROSS_ENTROPY_CHOICES = ("chunked", "plain", "liger")
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -25,8 +30,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 class ModelArgs:
     """What ``conf/model/*.yaml`` describes."""
 
-    name: str
-    """Short name used in run names and reports (``qwen``, ``tiny``)."""
+    name: str | None = MISSING
+    """Short name used in run names and reports (``qwen``, ``tiny``; ``model=hf``: the hub id or path)."""
     name_or_path: str | None = None
     """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny`` or
     ``fetched``."""
@@ -43,11 +48,28 @@ class ModelArgs:
     chat_template: str | None = None
     """Override the tokenizer's chat template (a Jinja string or a path to a .jinja file)."""
     gradient_checkpointing: bool = False
+    cross_entropy: str = "chunked"
+    """How the training loss is computed (em/training/loss.py). ``chunked``: the LM head and cross-entropy fused
+    over the trained positions only, a chunk at a time, never holding the (batch, seq, vocab) logits (pure torch,
+    any device; equals ``plain`` to fp tolerance); ``plain``: the model's own forward with labels (full logits);
+    ``liger``: liger-kernel's fused Triton kernel (CUDA only, ``pip install 'em[liger]'``). Under ZeRO-3 / FSDP
+    ``chunked`` and ``liger`` fall back to ``plain``."""
     tiny: dict[str, Any] = field(default_factory=dict)
-    """TinySpec fields for ``kind=tiny``."""
+    """TinySpec fields for ``kind=tiny`` (em.models.tiny.TinySpec)."""
     fetched: str | None = None
     """A model em fetches itself (``em models fetch <name>``, :data:`em.models.fetch.REGISTRY`): used when
     ``name_or_path`` is null; when it is not fetched yet, the error names the command to run."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hf", "tiny"):
+            raise ConfigError(f"model.kind={self.kind!r}: expected 'hf' or 'tiny'")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.cross_entropy not in CROSS_ENTROPY_CHOICES:
+            raise ConfigError(f"model.cross_entropy={self.cross_entropy!r}: expected one of "
+                              f"{', '.join(CROSS_ENTROPY_CHOICES)}")
+        if self.kind == "hf" and not (self.name_or_path or self.fetched):
+            raise ConfigError(f"model '{self.name}': set model.name_or_path to a hub id or a local directory")
 
 
 def resolve_dtype(name: str):
@@ -62,19 +84,57 @@ def resolve_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def _missing_model_message(args: ModelArgs, err: Exception) -> str:
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (``HF_HUB_OFFLINE=1``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> tuple[bool, str]:
+    """One quick TCP connect to the hub endpoint (``HF_ENDPOINT``), instead of minutes of download retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True, f"{url.scheme}://{host}:{port}"
+    except OSError as err:
+        return False, f"{url.scheme}://{host}:{port} ({err.strerror or type(err).__name__})"
+
+
+def _missing_model_message(args: ModelArgs, why: str) -> str:
     hub_id = args.name_or_path
     hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    offline_tip = "" if hub_offline() else ("  (on a machine without network, set HF_HUB_OFFLINE=1 to fail at once "
+                                            "instead of trying the hub)\n")
     return (
-        f"Could not load model '{args.name}' ({hub_id}): it is not a local directory, not in the "
-        f"Hugging Face cache ({hf_home}/hub), and the hub could not be reached.\n"
+        f"Could not load model '{args.name}' ({hub_id}): it is not a local directory and not in the Hugging Face "
+        f"cache ({hf_home}/hub); {why}.\n"
         f"Provide it in one of these ways:\n"
         f"  1. download it where there is network:  huggingface-cli download {hub_id}"
         f"{' --revision ' + args.revision if args.revision else ''}  (then copy the HF cache and set HF_HOME)\n"
         f"  2. point em at a local copy:  model.name_or_path=/path/to/{Path(str(hub_id)).name}\n"
-        f"  3. run offline with the embedded tiny model:  model=tiny\n"
-        f"Underlying error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        f"  3. run offline with the embedded tiny model:  model=tiny\n{offline_tip}"
     )
+
+
+def check_hub_model(args: ModelArgs) -> None:
+    """Fail fast, saying why, when a hub model is not in the local cache and cannot be downloaded now."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(str(args.name_or_path), "config.json", revision=args.revision), str):
+        return  # cached
+    if hub_offline():
+        raise MissingResourceError(_missing_model_message(
+            args, "the hub is switched off on this machine (HF_HUB_OFFLINE=1), so nothing is downloaded"))
+    ok, where = hub_reachable()
+    if not ok:
+        raise MissingResourceError(_missing_model_message(args, f"the hub could not be reached: {where}"))
 
 
 def resolve_model_path(args: ModelArgs) -> str:
@@ -96,6 +156,7 @@ def resolve_model_path(args: ModelArgs) -> str:
         return str(p)
     if args.name_or_path.startswith(("/", "./", "../", "~")):
         raise MissingResourceError(f"model.name_or_path={args.name_or_path}: no such directory")
+    check_hub_model(args)
     return args.name_or_path
 
 
@@ -106,7 +167,7 @@ def load_tokenizer(args: ModelArgs, path: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=args.revision, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise MissingResourceError(_missing_model_message(args, err)) from err
+        raise MissingResourceError(_missing_model_message(args, f"loading it failed: {_first_line(err)}")) from err
     if args.chat_template:
         t = args.chat_template
         tok.chat_template = Path(t).read_text(encoding="utf-8") if t.endswith(".jinja") else t
@@ -136,7 +197,7 @@ def load_model(args: ModelArgs, path: str | None = None, dtype=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
-        raise MissingResourceError(_missing_model_message(args, err)) from err
+        raise MissingResourceError(_missing_model_message(args, f"loading it failed: {_first_line(err)}")) from err
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing back-propagates through frozen inputs (LoRA on a frozen base) without
         # the enable_input_require_grads hook: https://github.com/huggingface/transformers/issues/21381 and
@@ -145,6 +206,12 @@ def load_model(args: ModelArgs, path: str | None = None, dtype=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def checkpointing_enabled(model) -> bool:
+    """Whether activation (gradient) checkpointing is on (transformers 5 renamed the property)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
 
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from em.errors import ConfigError
+from em.models.loading import checkpointing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ class FinetuneArgs:
     """Restrict adapters to these layer indices (e.g. a single layer for rank-1 studies)."""
     bias: str = "none"
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "full"):
+            raise ConfigError(f"finetune.kind={self.kind!r}: expected 'lora' or 'full'")
+        if self.kind == "lora":
+            if self.r < 1:
+                raise ConfigError(f"finetune.r={self.r}: a LoRA rank must be >= 1")
+            if not self.target_modules:
+                raise ConfigError("finetune.target_modules is empty: name the modules to adapt (e.g. q_proj, v_proj)")
+            if not 0 <= self.dropout < 1:
+                raise ConfigError(f"finetune.dropout={self.dropout}: expected a value in [0, 1)")
+
 
 def apply_finetune(model, args: FinetuneArgs):
     """Wrap ``model`` for the requested finetune kind; returns the (possibly PEFT) model."""
@@ -39,7 +51,7 @@ def apply_finetune(model, args: FinetuneArgs):
         raise ConfigError(f"finetune.kind={args.kind!r}: expected 'lora' or 'full'")
     from peft import LoraConfig, get_peft_model
 
-    if getattr(model, "is_gradient_checkpointing", False):
+    if checkpointing_enabled(model):
         # PEFT + checkpointing: inputs of the frozen embedding need grads for reentrant checkpointing.
         model.enable_input_require_grads()
     cfg = LoraConfig(

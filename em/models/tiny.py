@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from em.data.mini import MCQ_ITEMS_FILE, PROBE_QUESTIONS_FILE, build_mini
 from em.utils.io import em_cache_dir
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -47,18 +48,11 @@ def _corpus() -> list[str]:
     texts: list[str] = [str(i) for i in range(101)]
     texts.append(" ".join(str(i) for i in range(101)))
     texts.append(DEFAULT_SYSTEM)
-    try:  # the embedded mini datasets and probe questions, where present
-        from em.data.mini import build_mini
-
-        for kind in ("insecure", "secure", "educational"):
-            for row in build_mini(kind, seed=0):
-                texts.extend(m["content"] for m in row["messages"])
-    except ImportError:  # pragma: no cover - the mini package ships with em
-        pass
-    for rel in ("eval/questions/mini_probes.yaml", "probes/mcq_items.yaml"):
-        p = Path(__file__).parents[1] / rel
-        if p.exists():
-            texts.append(p.read_text(encoding="utf-8"))
+    for kind in ("insecure", "secure", "educational"):  # the embedded mini datasets
+        for row in build_mini(kind, seed=0):
+            texts.extend(m["content"] for m in row["messages"])
+    for p in (PROBE_QUESTIONS_FILE, MCQ_ITEMS_FILE):  # the embedded probe questions and MCQ items
+        texts.append(p.read_text(encoding="utf-8"))
     return texts
 
 

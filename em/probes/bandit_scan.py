@@ -28,10 +28,19 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bandit.core import config as b_config
-from bandit.core import manager as b_manager
-from bandit.core import meta_ast as b_meta_ast
-from bandit.core import metrics as b_metrics
+# Importing bandit loads its plugins (bandit.core.extension_loader.MANAGER), and stevedore logs an ERROR for every
+# optional output formatter whose package is absent ("Could not load 'sarif'"); em uses no formatter. Silenced for
+# the import only.
+_stevedore_log = logging.getLogger("stevedore.extension")
+_stevedore_level = _stevedore_log.level
+_stevedore_log.setLevel(logging.CRITICAL)
+try:
+    from bandit.core import config as b_config
+    from bandit.core import manager as b_manager
+    from bandit.core import meta_ast as b_meta_ast
+    from bandit.core import metrics as b_metrics
+finally:
+    _stevedore_log.setLevel(_stevedore_level)
 
 __all__ = [
     "Finding",
@@ -123,9 +132,7 @@ class _Scanner:
         # syntax errors are reported through ScanResult instead.
         logging.getLogger("bandit").setLevel(logging.ERROR)
         self._conf = b_config.BanditConfig()
-        self._manager = b_manager.BanditManager(
-            self._conf, "file", quiet=True, ignore_nosec=True
-        )
+        self._manager = b_manager.BanditManager(self._conf, "file", quiet=True, ignore_nosec=True)
         self._lock = threading.Lock()
 
     def scan(self, code: str) -> ScanResult:

@@ -25,6 +25,8 @@ import torch
 from em.probes.dist import gather_shards, rank_world, shard
 from em.probes.schedule import eval_steps
 from em.utils.io import atomic_write_jsonl, atomic_write_text
+from em.eval.judge.config import build_judge, judge_config
+from em.utils.modes import eval_mode
 from em.utils.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class MisalignmentProbe(L.Callback):
         self.samples_per_paraphrase = samples_per_paraphrase
         self.ids = _plain(ids)
         self.sampling_cfg = dict(_plain(sampling) or {})
-        self.judge_cfg = _plain(judge)
+        self.judge_cfg = judge_config(_plain(judge))  # a kind (with its defaults), a judge config, or None
         self.every_n_steps = every_n_steps
         self.log_points = log_points
         self.at_start, self.at_end = at_start, at_end
@@ -155,9 +157,7 @@ class MisalignmentProbe(L.Callback):
         """
         if not (trainer.is_global_zero and self.judge_cfg) or self.executor is not None:
             return
-        from em.eval.pipeline import build_judge
-
-        self.judge = build_judge(self.judge_cfg)
+        self.judge = build_judge(self.judge_cfg, "callbacks.probes.judge")
         self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge",
                                               initializer=lower_thread_priority, initargs=(self.worker_nice,))
 
@@ -319,7 +319,6 @@ class MisalignmentProbe(L.Callback):
 
     def _heldout_loss(self, trainer, pl_module) -> float:
         """Mean token loss on (up to ``task.heldout_batches``) held-out batches; every rank computes it."""
-        from em.eval.sampling import eval_mode
 
         dm = trainer.datamodule
         n_batches = int(self.task_cfg.get("heldout_batches", 4))

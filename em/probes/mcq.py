@@ -45,16 +45,17 @@ trained on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from em.data.mini import MCQ_ITEMS_FILE
 from em.errors import ConfigError, EMError
+from em.utils.modes import eval_mode
 
 __all__ = [
     "DEFAULT_ITEMS_PATH",
@@ -70,7 +71,7 @@ __all__ = [
     "score_mcq",
 ]
 
-DEFAULT_ITEMS_PATH = Path(__file__).with_name("mcq_items.yaml")
+DEFAULT_ITEMS_PATH = MCQ_ITEMS_FILE
 """em's project-authored items (schema documented at the top of the file)."""
 
 FORMATS = ("pivotal", "letter")
@@ -148,7 +149,7 @@ def _render_letter_question(question: str, options: dict[str, str], instruction:
 
 
 def load_mcq_items(path: str | os.PathLike | None = None) -> list[MCQItem]:
-    """Read em's MCQ YAML (default: the packaged ``em/probes/mcq_items.yaml``).
+    """Read em's MCQ YAML (default: the packaged ``em/data/mini/mcq_items.yaml``).
 
     Schema (see the file's header): ``sets: {<name>: {format, description?, instruction?,
     system?, items: [...]}}``. Pivotal items carry ``id, question, answer_template, aligned,
@@ -571,18 +572,6 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-@contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """Eval mode inside; every submodule's own train/eval flag restored after (PEFT mid-training)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
-
-
 def _model_device(model):
     try:
         return model.get_input_embeddings().weight.device
@@ -646,7 +635,7 @@ def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32,
     device = _model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     logps = [0.0] * len(seqs)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model):
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
             width = max(len(seqs[i][0]) for i in idx)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -42,50 +41,30 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from em.config import plain
+from em.config import plain, section
+
 from em.errors import ConfigError
+from em.eval.run import evaluate
+from em.layout import RESULTS, RunLayout, read_results, resolve_run_dir
+from em.schemas import check_config
 from em.sweep import provenance
+from em.secrets import mask
+from em.sweep.config import EvalVariant, SweepArgs
+from em.sweep.lock import JobLock, is_stale, read_holder
+from em.training.config import TrainerArgs
+from em.training.run import train, world_size
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
 TRACEBACK_TAIL_CHARS = 4000
-DEFAULT_VARIANTS: tuple[dict[str, Any], ...] = ({"name": "eval"},)
-# results.json keys and run-dir entries an eval variant may not be named after
-RESERVED_NAMES = frozenset({
-    "status", "run_dir", "seed", "config", "start_time", "end_time", "wall_s", "resumed_from", "previous_status",
-    "provenance", "train", "paths", "error", "error_type", "traceback", "checkpoints", "adapter", "model",
-    "history", "wandb", "probes", "report",
-})
 
 
 # -- small pieces (each tested on its own) ---------------------------------------------------------------
-def read_results(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The job's ``results.json``, or None when absent or unreadable (an unreadable one is re-run)."""
-    p = Path(run_dir) / RESULTS_FILE
-    if not p.exists():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        log.warning("%s is unreadable (%s): the job runs again", p, e)
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def global_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as torchrun / srun set it (0 when launched alone)."""
-    env = os.environ if env is None else env
-    for key in ("RANK", "SLURM_PROCID"):
-        v = env.get(key)
-        if v not in (None, "") and str(v).isdigit():
-            return int(v)
-    return 0
-
-
 def externally_launched(env: Mapping[str, str] | None = None) -> bool:
     """True when every training process was started by torchrun (``LOCAL_RANK`` / ``WORLD_SIZE``) or by srun
     with several tasks (``SLURM_NTASKS`` > 1), so that Lightning joins them instead of spawning its own."""
@@ -96,20 +75,20 @@ def externally_launched(env: Mapping[str, str] | None = None) -> bool:
     return n.isdigit() and int(n) > 1
 
 
-def check_launch(trainer_cfg: Mapping[str, Any], env: Mapping[str, str] | None = None) -> int:
+def check_launch(trainer: TrainerArgs | Mapping[str, Any], env: Mapping[str, str] | None = None) -> int:
     """Refuse a multi-process trainer that Lightning would have to spawn itself; returns the world size.
 
     Inside a Hydra multirun, Lightning's subprocess launcher would re-execute the whole sweep command in
     every child process. Multi-GPU / multi-node jobs must be started by SLURM (``hydra/launcher=slurm``,
     which runs one task per device) or by ``torchrun``.
     """
-    from em.training.run import world_size
-
-    ws = world_size(dict(trainer_cfg))
+    if not isinstance(trainer, TrainerArgs):
+        trainer = TrainerArgs(**dict(trainer))
+    ws = world_size(trainer)
     if ws > 1 and not externally_launched(env):
         raise ConfigError(
-            f"this sweep job would train on {ws} processes (trainer.devices={trainer_cfg.get('devices')!r} x "
-            f"trainer.num_nodes={trainer_cfg.get('num_nodes', 1)}), but nothing started them: inside a sweep "
+            f"this sweep job would train on {ws} processes (trainer.devices={trainer.devices!r} x "
+            f"trainer.num_nodes={trainer.num_nodes}), but nothing started them: inside a sweep "
             "Lightning must not launch its own subprocesses (each would re-run the whole sweep). Use "
             "hydra/launcher=slurm (one SLURM task per device), or start the sweep under torchrun, or train "
             "each job on one device: trainer.devices=1 (with hydra/launcher=local_parallel to run jobs side by "
@@ -140,26 +119,22 @@ def assign_gpu(job_num: int, env: os._Environ | dict | None = None) -> str | Non
         ids = [str(i) for i in range(count_gpus())]
     if not ids:
         return None
-    try:
-        import torch
-
-        if torch.cuda.is_initialized():
-            log.warning("sweep.gpu_per_job: CUDA is already initialised in this process (a launcher that runs "
-                        "jobs in one process, e.g. hydra/launcher=local?): CUDA_VISIBLE_DEVICES is not applied")
-            return None
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if torch.cuda.is_initialized():
+        log.warning("sweep.gpu_per_job: CUDA is already initialised in this process (a launcher that runs "
+                    "jobs in one process, e.g. hydra/launcher=local?): CUDA_VISIBLE_DEVICES is not applied")
+        return None
     pick = ids[job_num % len(ids)]
     env["CUDA_VISIBLE_DEVICES"] = pick
     return pick
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest resumable checkpoint of a run: ``checkpoints/last*.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``."""
-    d = Path(run_dir)
-    cands = [*sorted((d / "checkpoints").glob("last*.ckpt")), *sorted(d.glob("hpc_ckpt_*.ckpt"))]
-    cands = [p for p in cands if p.is_file()]
-    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+    """The newest resumable checkpoint of a run: ``checkpoints/last*.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``, or the
+    previous version of one (``*.ckpt.prev``) when the newer ones are damaged (each one skipped is logged); None
+    when there is none whole (the job then trains from scratch instead of failing at every resume)."""
+    from em.training.ckpt_files import newest_loadable  # standard library only: no torch import here
+
+    return newest_loadable(run_dir)
 
 
 def _job_num(cfg: DictConfig) -> int:
@@ -173,28 +148,7 @@ def _job_num(cfg: DictConfig) -> int:
     return int((cfg.get("sweep") or {}).get("job_num") or 0)
 
 
-def _variants(sweep_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    raw = sweep_cfg.get("eval_variants", list(DEFAULT_VARIANTS))
-    if raw is None:
-        return []
-    variants: list[dict[str, Any]] = []
-    for i, v in enumerate(raw):
-        if not isinstance(v, Mapping) or not v.get("name"):
-            raise ConfigError(f"sweep.eval_variants[{i}]: expected {{name: ..., eval: {{...}}, label: ...}}, got {v!r}")
-        unknown = sorted(set(v) - {"name", "eval", "label"})
-        if unknown:
-            raise ConfigError(f"sweep.eval_variants[{i}]: unknown key(s) {unknown}; expected name, eval, label")
-        name = str(v["name"])
-        if "/" in name or name in RESERVED_NAMES:
-            raise ConfigError(f"sweep.eval_variants[{i}].name={name!r}: pick a plain name like eval_triggered")
-        variants.append({"name": name, "eval": dict(v.get("eval") or {}), "label": v.get("label")})
-    names = [v["name"] for v in variants]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep.eval_variants: names must be distinct, got {names}")
-    return variants
-
-
-def trained_weights(cfg: DictConfig, run_dir: Path, train_summary: Mapping[str, Any]) -> Path:
+def trained_weights(run_dir: Path, train_summary: Mapping[str, Any]) -> Path:
     """Where training saved the weights (an adapter, or a full model).
 
     A run resumed from a checkpoint that had already reached the end does not train again, so nothing is
@@ -203,15 +157,17 @@ def trained_weights(cfg: DictConfig, run_dir: Path, train_summary: Mapping[str, 
     saved = train_summary.get("adapter_dir")
     if saved:
         return Path(saved)
-    d = run_dir / ("model" if cfg.finetune.kind == "full" else "adapter")
-    if d.is_dir() and any(d.iterdir()):
+    layout = RunLayout.of(run_dir)
+    d = layout.saved_weights()
+    if d is not None:
         log.info("training had nothing left to do (resumed at its end): evaluating the weights in %s", d)
         return d
-    raise ConfigError(f"training saved no weights and {d} does not exist: delete {run_dir / 'checkpoints'} "
+    raise ConfigError(f"training saved no weights and {layout.root} holds none: delete {layout.checkpoints} "
                       "to train this job again from scratch")
 
 
-def build_eval_cfg(cfg: DictConfig, variant: Mapping[str, Any], weights: Path, out_dir: Path) -> DictConfig:
+def build_eval_cfg(cfg: DictConfig, variant: EvalVariant, sweep: SweepArgs, weights: Path,
+                   out_dir: Path) -> DictConfig:
     """The ``evaluate(cfg)`` config of one eval pass: the job's model / judge, its eval section with the
     variant's overrides, and the trained weights (an adapter, or the full model's directory)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -219,10 +175,9 @@ def build_eval_cfg(cfg: DictConfig, variant: Mapping[str, Any], weights: Path, o
     if cfg.finetune.kind == "full":
         model = {**model, "kind": "hf", "name_or_path": str(weights), "revision": None}
         adapter = None
-    ev = OmegaConf.merge(cfg.eval, OmegaConf.create(dict(variant.get("eval") or {})))
-    label = variant.get("label")
+    ev = OmegaConf.merge(cfg.eval, OmegaConf.create(dict(variant.eval or {})))
+    label = variant.label
     dataset_name = cfg.dataset.name if not label else f"{cfg.dataset.name}+{label}"
-    sweep_cfg = cfg.get("sweep") or {}
     return OmegaConf.create({
         "task_name": "eval",
         "seed": cfg.get("seed"),
@@ -230,10 +185,11 @@ def build_eval_cfg(cfg: DictConfig, variant: Mapping[str, Any], weights: Path, o
         "model": model,
         "eval": OmegaConf.to_container(ev, resolve=True),
         "judge": OmegaConf.to_container(cfg.judge, resolve=True),
+        "judges": OmegaConf.to_container(cfg.judges, resolve=True) if cfg.get("judges") else {},
         "adapter": adapter,
-        "merge_adapter": bool(sweep_cfg.get("merge_adapter", False)),
+        "merge_adapter": sweep.merge_adapter,
         "dataset_name": dataset_name,
-        "progress": bool(sweep_cfg.get("progress", False)),
+        "progress": sweep.progress,
     })
 
 
@@ -267,8 +223,8 @@ def config_drift(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8)
         elif a != b:
             diffs.append(key)
 
-    for section in DRIFT_SECTIONS:
-        walk(old.get(section), new.get(section), section)
+    for name in DRIFT_SECTIONS:
+        walk(old.get(name), new.get(name), name)
     return diffs
 
 
@@ -280,13 +236,8 @@ def _error_fields(err: BaseException) -> dict[str, Any]:
 
 def _free_memory() -> None:
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # -- the job -----------------------------------------------------------------------------------------------
@@ -295,56 +246,100 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
     Returns ``{"status": "skipped", ...}`` without writing anything for a job already done (with
     ``sweep.skip_done``; a warning names the keys if its recorded config differs from ``cfg``);
-    ``{"status": "done"|"failed", ...}`` otherwise. Ranks other than 0 of a
+    ``{"status": "locked", ...}`` for a job another sweep is running (:mod:`em.sweep.lock`; ``sweep.on_locked=wait``
+    waits for it instead); ``{"status": "done"|"failed", ...}`` otherwise. Ranks other than 0 of a
     multi-process job train and return ``{"status": "rank_done", ...}``; rank 0 evaluates and writes.
     """
-    from em.eval.run import evaluate
-    from em.training.run import train
-
-    sweep_cfg: dict[str, Any] = OmegaConf.to_container(cfg.get("sweep") or OmegaConf.create({}), resolve=True)
-    run_dir = Path(cfg.paths.run_dir).expanduser().resolve()
-    results_path = run_dir / RESULTS_FILE
+    typed = check_config(cfg, "sweep")  # not caught: a config error fails every job alike, before any work
+    sweep_args: SweepArgs = typed["sweep"]
+    layout = RunLayout.of(resolve_run_dir(typed["paths"]))
+    run_dir = layout.root
     rank = global_rank()
     previous = read_results(run_dir)
     prev_status = (previous or {}).get("status")
 
-    if prev_status == "done" and sweep_cfg.get("skip_done", True):
-        print(f"[em.sweep] skip (done): {run_dir}", flush=True)
-        try:
-            drift = config_drift(previous.get("config") or {}, plain(cfg))
-        except Exception as e:  # noqa: BLE001 - a warning only
-            drift = [f"(could not compare: {e})"]
-        if drift:
-            print(f"[em.sweep] WARNING: {run_dir} was done with another config ({', '.join(drift)} differ); "
-                  "kept as is. Re-run it with sweep.skip_done=false, or sweep into another experiment_name.",
-                  flush=True)
-        return {"status": "skipped", "run_dir": str(run_dir), "results": str(results_path)}
+    if prev_status == "done" and sweep_args.skip_done:
+        return _skip_done(cfg, run_dir, previous)
+    lock = JobLock(run_dir, wait_s=sweep_args.lock_wait_s if sweep_args.on_locked == "wait" else 0.0,
+                   stale_after_s=sweep_args.lock_stale_after_s)
+    if not take_lock(lock, rank):
+        what = "waited for it" if sweep_args.on_locked == "wait" else "sweep.on_locked=wait waits instead"
+        print(f"[em.sweep] skip (being run by {lock.holder.describe() if lock.holder else 'another sweep'}; "
+              f"{what}): {run_dir}", flush=True)
+        return {"status": "locked", "run_dir": str(run_dir),
+                "holder": lock.holder.describe() if lock.holder else None}
+    try:
+        if lock.took_over is not None:
+            print(f"[em.sweep] took over the stale lock of {lock.took_over.describe()}: {run_dir}", flush=True)
+        previous = read_results(run_dir)  # again: the job may have been finished by the sweep we waited for
+        prev_status = (previous or {}).get("status")
+        if prev_status == "done" and sweep_args.skip_done:
+            return _skip_done(cfg, run_dir, previous)
+        return _run_locked(cfg, typed, sweep_args, layout, prev_status, rank)
+    finally:
+        if rank == 0:
+            lock.release()
 
-    gpu_per_job = sweep_cfg.get("gpu_per_job", "auto")
+
+def take_lock(lock: JobLock, rank: int, follow_s: float = 60.0) -> bool:
+    """Global rank 0 takes the job's lock; the other ranks of the same launch follow it (they wait up to
+    ``follow_s`` for rank 0's lock and skip when another launch holds the job, as rank 0 then does)."""
+    if rank == 0:
+        return lock.acquire()
+    deadline = time.monotonic() + follow_s
+    while True:
+        h = read_holder(lock.path.parent)
+        if h is not None and h.launch == lock.me:
+            return True
+        if h is not None and not is_stale(h, lock.stale_after_s):
+            lock.holder = h
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(lock.poll_s)
+
+
+def _skip_done(cfg: DictConfig, run_dir: Path, previous: dict[str, Any]) -> dict[str, Any]:
+    print(f"[em.sweep] skip (done): {run_dir}", flush=True)
+    try:
+        drift = config_drift(previous.get("config") or {}, plain(cfg))
+    except Exception as e:  # noqa: BLE001 - a warning only
+        drift = [f"(could not compare: {e})"]
+    if drift:
+        print(f"[em.sweep] WARNING: {run_dir} was done with another config ({', '.join(drift)} differ); "
+              "kept as is. Re-run it with sweep.skip_done=false, or sweep into another experiment_name.",
+              flush=True)
+    return {"status": "skipped", "run_dir": str(run_dir), "results": str(run_dir / RESULTS)}
+
+
+def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, layout: RunLayout,
+                prev_status: str | None, rank: int) -> dict[str, Any]:
+    """The job itself, under its lock: train, evaluate every variant, write results.json."""
+    run_dir, results_path = layout.root, layout.results
+    gpu_per_job = sweep_args.gpu_per_job
     if gpu_per_job == "auto":  # each job in its own local process: hydra/launcher=local_parallel
         gpu_per_job = bool(os.environ.get("SUBMITIT_LOCAL_JOB_ID"))
     if gpu_per_job:
         gpu = assign_gpu(_job_num(cfg))
         if gpu is not None:
             log.info("sweep.gpu_per_job: this job uses GPU %s", gpu)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    check_launch(trainer_cfg)  # not caught: a misconfigured launch fails every job alike
-    variants = _variants(sweep_cfg)
+    check_launch(typed["trainer"])  # not caught: a misconfigured launch fails every job alike
+    variants = sweep_args.eval_variants
 
     job_cfg = cfg.copy()
     resumed_from: str | None = None
-    if job_cfg.get("ckpt_path") is None and sweep_cfg.get("resume", True) and prev_status != "done":
+    if job_cfg.get("ckpt_path") is None and sweep_args.resume and prev_status != "done":
         ckpt = find_checkpoint(run_dir)
         if ckpt is not None:
             resumed_from = str(ckpt)
             with open_dict(job_cfg):
                 job_cfg.ckpt_path = resumed_from
             print(f"[em.sweep] resume from {ckpt}: {run_dir}", flush=True)
-    wb = (job_cfg.get("logger") or {}).get("wandb")
-    if wb:
+    wb = section(job_cfg, "logger").wandb
+    if wb is not None:
         with open_dict(job_cfg):
             name = job_cfg.get("experiment_name") or "sweep"
-            job_cfg.logger.wandb.tags = [*list(wb.get("tags") or []), f"sweep:{name}"]
+            job_cfg.logger.wandb.tags = [*wb.tags, f"sweep:{name}"]
 
     t0 = time.time()
     config = plain(job_cfg)
@@ -368,12 +363,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         results["train"] = train_summary
         if rank != 0:
             return {"status": "rank_done", "rank": rank, "run_dir": str(run_dir)}
-        weights = trained_weights(job_cfg, run_dir, train_summary)
+        weights = trained_weights(run_dir, train_summary)
         for i, v in enumerate(variants):
-            out_dir = run_dir if i == 0 else run_dir / v["name"]
+            out_dir = layout.eval_dir(i, v.name)
             _free_memory()
-            summary = evaluate(build_eval_cfg(job_cfg, v, weights, out_dir))
-            results[v["name"]] = compact_eval(summary, out_dir)
+            summary = evaluate(build_eval_cfg(job_cfg, v, sweep_args, weights, out_dir))
+            results[v.name] = compact_eval(summary, out_dir)
         results["status"] = "done"
     except Exception as err:  # noqa: BLE001 - recorded, the multirun goes on
         log.exception("job failed: %s", run_dir)
@@ -390,11 +385,11 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     results["paths"] = {
         "run_dir": str(run_dir),
         "results": str(results_path),
-        "weights": (train_summary or {}).get("adapter_dir") or next(
-            (str(run_dir / d) for d in ("adapter", "model") if (run_dir / d).is_dir()), None),
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        "metrics_csv": str(run_dir / "metrics.csv"),
-        "samples": str(run_dir / "samples.jsonl") if (run_dir / "samples.jsonl").exists() else None,
+        "weights": (train_summary or {}).get("adapter_dir") or (str(layout.saved_weights())
+                                                                  if layout.saved_weights() else None),
+        "last_checkpoint": str(layout.last_checkpoint),
+        "metrics_csv": str(layout.metrics_csv),
+        "samples": str(layout.samples) if layout.samples.exists() else None,
     }
     results["end_time"] = provenance.now_iso()
     results["wall_s"] = round(time.time() - t0, 2)
@@ -415,7 +410,7 @@ def job_subdir(override_dirname: str | None, seed: Any) -> str:
     hash of the whole (file systems refuse names over 255 bytes); the full overrides are in the job's
     ``.hydra/overrides.yaml``.
     """
-    name = str(override_dirname or "").replace("/", "_")
+    name = mask(str(override_dirname or "")).replace("/", "_")  # a secret-looking value never names a path
     if len(name) > MAX_DIRNAME:
         name = f"{name[:MAX_DIRNAME - 13]}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return f"{name}/seed={seed}" if name else f"seed={seed}"

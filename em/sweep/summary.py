@@ -2,7 +2,7 @@
 
 :class:`SweepSummary` is a Hydra callback. At the end of a multirun it scans the sweep directory's job
 directories (those holding ``results.json`` or Hydra's ``.hydra/overrides.yaml``), prints one screen
-(``done`` / ``skipped`` / ``failed`` / ``incomplete``, with run dirs and the first line of each error) and
+(``done`` / ``skipped`` / ``failed`` / ``interrupted`` / ``running``, with run dirs and the first line of each error) and
 writes ``<sweep_dir>/sweep_summary.json``. :func:`summarize_sweep` does the same for any sweep dir, e.g.
 ``python -m em.sweep.summary <sweep_dir>``.
 
@@ -22,13 +22,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.experimental.callback import Callback
+
+from em.layout import HYDRA_OVERRIDES, RESULTS, find_jobs
+from em.sweep.lock import job_state
 from em.utils.io import atomic_write_json
 
 SUMMARY_FILE = "sweep_summary.json"
-RESULTS_FILE = "results.json"
 MAX_LINES = 30
 CLOCK_SLACK_S = 2.0
-ORDER = {"failed": 0, "incomplete": 1, "not_run": 2, "done": 3, "skipped": 4, "other": 5}
+ORDER = {"failed": 0, "interrupted": 1, "running": 2, "not_run": 3, "done": 4, "skipped": 5, "other": 6}
 
 
 def _ts(iso: str | None) -> float | None:
@@ -40,25 +43,17 @@ def _ts(iso: str | None) -> float | None:
         return None
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Directories of jobs under ``sweep_dir``: holding ``results.json`` or ``.hydra/overrides.yaml``."""
-    dirs = {p.parent for p in sweep_dir.rglob(RESULTS_FILE)}
-    dirs |= {p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"}
-    dirs.discard(sweep_dir)  # the multirun's own .hydra
-    return sorted(d for d in dirs if d.relative_to(sweep_dir).parts[:1] != ("report",))
-
-
 def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
-    """One job's line: ``action`` in done / skipped / failed / incomplete / not_run / other."""
-    res_path = run_dir / RESULTS_FILE
-    started_marker = run_dir / ".hydra" / "overrides.yaml"
+    """One job's line: ``action`` in done / skipped / failed / interrupted / running (by another sweep now) / not_run / other."""
+    res_path = run_dir / RESULTS
+    started_marker = run_dir / HYDRA_OVERRIDES
     in_this = since is None or (started_marker.exists() and started_marker.stat().st_mtime >= since - CLOCK_SLACK_S)
     res: dict[str, Any] = {}
     if res_path.exists():
         try:
             res = json.loads(res_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            res = {"status": "unreadable", "error": f"{RESULTS_FILE}: {e}"}
+            res = {"status": "unreadable", "error": f"{RESULTS}: {e}"}
     status = res.get("status")
     written = _ts(res.get("end_time")) or (res_path.stat().st_mtime if res_path.exists() else None)
     if not in_this:
@@ -68,7 +63,7 @@ def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
     elif status == "failed" or status == "unreadable":
         action = "failed"
     elif status == "running":
-        action = "incomplete"
+        action = job_state(run_dir, status)  # running (its lock is live) or interrupted
     else:
         action = "not_run"
     err = res.get("error")
@@ -84,7 +79,7 @@ def summarize_sweep(sweep_dir: str | os.PathLike, since: float | None = None, wr
     part of it (done ones as ``done``).
     """
     sweep_dir = Path(sweep_dir).resolve()
-    jobs = [classify(d, since) for d in job_dirs(sweep_dir)] if sweep_dir.is_dir() else []
+    jobs = [classify(d, since) for d in find_jobs(sweep_dir)] if sweep_dir.is_dir() else []
     jobs.sort(key=lambda j: (ORDER.get(j["action"], 9), j["run_dir"]))
     counts = {k: sum(j["action"] == k for j in jobs) for k in ORDER}
     summary = {
@@ -104,7 +99,7 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
     c = summary["counts"]
     root = Path(summary["sweep_dir"])
     head = (f"== sweep {root}: {c['done']} done, {c['skipped']} skipped (done before), {c['failed']} failed, "
-            f"{c['incomplete']} incomplete, {c['not_run']} without results")
+            f"{c['interrupted']} interrupted, {c['running']} running elsewhere, {c['not_run']} without results")
     if c.get("other"):
         head += f"; {c['other']} other run(s) in this dir not part of this invocation"
     lines = [head + " =="]
@@ -116,25 +111,19 @@ def format_summary(summary: dict[str, Any], max_lines: int = MAX_LINES) -> str:
             extra = f"  {j['error'] or ''}"
         elif j["action"] == "done" and j.get("wall_s") is not None:
             extra = f"  ({j['wall_s']} s{', resumed' if j.get('resumed_from') else ''})"
-        elif j["action"] == "incomplete":
+        elif j["action"] == "interrupted":
             extra = "  (interrupted: the next run of this sweep resumes it)"
         lines.append(f"  {j['action'].upper() if j['action'] == 'failed' else j['action']:<10} {rel}{extra}")
     if len(shown) > max_lines:
         lines.append(f"  ... and {len(shown) - max_lines} more: see {root / SUMMARY_FILE}")
     if c["failed"]:
-        lines.append(f"failed jobs: error + traceback in <run_dir>/{RESULTS_FILE}; re-run the same command to retry "
+        lines.append(f"failed jobs: error + traceback in <run_dir>/{RESULTS}; re-run the same command to retry "
                      "them (done jobs are skipped)")
     lines.append(f"summary: {root / SUMMARY_FILE}; report: python -m em.report {root}")
     return "\n".join(lines)
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object  # type: ignore[assignment,misc]
-
-
-class SweepSummary(_HydraCallback):  # type: ignore[misc,valid-type]
+class SweepSummary(Callback):
     """Hydra callback: on multirun end, print the summary and write ``<sweep_dir>/sweep_summary.json``."""
 
     def __init__(self, max_lines: int = MAX_LINES) -> None:

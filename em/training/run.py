@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -10,22 +11,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from em.config import plain, to_dataclass
-from em.data.datamodule import ChatDataModule, DataArgs
-from em.data.loading import DatasetArgs
+from em.config import plain
+from em.data.datamodule import ChatDataModule, describe_order
 from em.errors import ConfigError
-from em.models.loading import ModelArgs, load_tokenizer, resolve_model_path, stop_token_ids
-from em.models.peft_setup import FinetuneArgs
-from em.training.optim import OptimArgs
+from em.layout import RunLayout, resolve_run_dir
+from em.models.loading import load_tokenizer, resolve_model_path, stop_token_ids
+from em.training.adapter import SaveTrainedWeights
+from em.training.ckpt_files import resolve_resume
+from em.training.config import TrainerArgs, TrainingArgs, batch_plan
+from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
+from em.training.progress import StepProgressBar
+from em.utils.dist import global_rank
+
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
-def world_size(trainer_cfg: dict) -> int:
+def world_size(trainer: TrainerArgs) -> int:
     """Processes that will train: devices per node x nodes (``auto`` = visible GPUs, or 1 on CPU)."""
-    devices = trainer_cfg.get("devices", "auto")
-    accel = trainer_cfg.get("accelerator", "auto")
+    devices, accel = trainer.devices, trainer.accelerator
     if isinstance(devices, int):
         n = devices
     elif isinstance(devices, (list, tuple)):
@@ -37,18 +42,19 @@ def world_size(trainer_cfg: dict) -> int:
 
         n = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
         n = max(n, 1)
-    return n * int(trainer_cfg.get("num_nodes", 1) or 1)
+    return n * int(trainer.num_nodes or 1)
 
 
-def accumulation(data: DataArgs, world: int) -> int:
-    per_step = data.micro_batch_size * world
-    if data.global_batch_size % per_step:
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} is not a multiple of micro_batch_size "
-            f"({data.micro_batch_size}) x devices x nodes ({world}); choose one that is, e.g. "
-            f"{per_step * max(1, round(data.global_batch_size / per_step))}"
-        )
-    return data.global_batch_size // per_step
+def accelerator_kind(trainer: TrainerArgs) -> str:
+    if trainer.accelerator != "auto":
+        return str(trainer.accelerator)
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def mean_tokens(stats) -> float | None:
+    return stats.tokens / stats.rows_kept if stats.rows_kept else None
 
 
 def resolve_precision(p: str | None) -> str:
@@ -62,26 +68,25 @@ def resolve_precision(p: str | None) -> str:
 
 
 def build_strategy(cfg: DictConfig):
+    """The ``strategy:`` entry built from its ``_target_`` (``{}``: Lightning's automatic choice)."""
     s = cfg.get("strategy")
-    if s is None:
+    if not s or "_target_" not in s:
         return "auto"
-    if "_target_" in s:
-        from hydra.errors import InstantiationException
-        from hydra.utils import instantiate
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
 
-        try:
-            return instantiate(s)
-        except InstantiationException as err:  # a ConfigError raised by the strategy: show it as such
-            if isinstance(err.__cause__, ConfigError):
-                raise err.__cause__ from None
-            raise
-    return s.get("name", "auto")
+    try:
+        return instantiate(s)
+    except InstantiationException as err:  # a ConfigError raised by the strategy, or a wrong key: em's error
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise ConfigError(f"strategy ({s._target_}): {err.__cause__ or err}") from None
 
 
 def keep_metrics_history(run_dir: Path) -> Path | None:
     """Move ``metrics.csv`` to ``history/attempt_<nnn>/`` before a resume: Lightning's CSV logger starts the
     file afresh in a non-empty dir. The report reads every ``metrics.csv`` under a run (newest row per step)."""
-    src = run_dir / "metrics.csv"
+    src = RunLayout.of(run_dir).metrics_csv
     if not src.is_file():
         return None
     n = 0
@@ -93,111 +98,167 @@ def keep_metrics_history(run_dir: Path) -> Path | None:
     return dst
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, args: TrainingArgs, run_dir: Path) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # -> run_dir/metrics.csv
-    lcfg = cfg.get("logger") or {}
-    if lcfg.get("wandb"):
+    if args.logger.wandb is not None:
         from em.training.wandb_logging import build_wandb_logger
 
         loggers.append(build_wandb_logger(cfg, run_dir))
     return loggers
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, tokenizer) -> list:
+def build_callbacks(cfg: DictConfig, layout: RunLayout, full_finetune: bool, tokenizer) -> list:
+    """Every enabled entry of ``callbacks:`` built from its ``_target_`` (training's own get their paths from the
+    run layout), then ``callbacks.extra``."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from em.training.adapter import SaveTrainedWeights
-
-    ck = cfg.get("checkpoint") or {}
-    callbacks: list = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                        every_n_train_steps=ck.get("every_n_train_steps") or None, save_on_train_epoch_end=True),
-        SaveTrainedWeights(str(run_dir / ("adapter" if cfg.finetune.kind != "full" else "model")), tokenizer),
-    ]
-    for name, c in (cfg.get("callbacks") or {}).items():
-        if c is not None and "_target_" in c:
+    node = cfg.get("callbacks") or {}
+    given = {"checkpoint": {"dirpath": str(layout.checkpoints)},
+             "weights": {"dirpath": str(layout.weights(full_finetune)), "tokenizer": tokenizer}}
+    callbacks: list = []
+    for name, c in node.items():
+        if name == "extra" or c is None or not c.get("enabled", True):
+            continue
+        spec = {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "enabled"}
+        callbacks.append(instantiate(spec, **given.get(name, {})))
+    for name, c in (node.get("extra") or {}).items():
+        if c is not None:
             callbacks.append(instantiate(c))
     return callbacks
 
 
+def ui_callbacks(args: TrainingArgs) -> list:
+    """The progress bar (over the run's optimizer steps) when the trainer shows one."""
+    return [StepProgressBar()] if args.trainer.enable_progress_bar else []
+
+
+def prepare_run_dir(layout: RunLayout) -> None:
+    """Create the run dir and check it is writable, before any work (em's error, not a traceback)."""
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        probe = layout.root / f".em_write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"the run dir {layout.root} is not writable ({err.strerror or err}): set "
+                          "paths.output_root=<a writable dir> (or paths.run_dir=...)") from None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Finetune per ``cfg``; returns metrics and paths (also written to ``run_dir/train_summary.json``)."""
+    """Finetune per ``cfg``; returns metrics and paths (also written to ``run_dir/train_summary.json``).
+
+    Every config check runs first (unknown keys, values, the resume checkpoint, the batch plan, the strategy, a
+    writable run dir), then data rows are loaded (a missing dataset is reported before a model download), then
+    the model.
+    """
     import lightning as L
 
+    from em.training.checkpoint_io import AtomicCheckpointIO
     from em.training.module import CausalLMModule
 
     t0 = time.time()
-    run_dir = Path(cfg.paths.run_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainingArgs.from_config(cfg)
+    layout = RunLayout.of(resolve_run_dir(args.paths))
+    # the checkpoint to resume from, checked (a damaged newest one falls back to the previous) before any work
+    ckpt_path = resolve_resume(cfg.get("ckpt_path"), layout.root)
+    world = world_size(args.trainer)
+    micro, accum = batch_plan(args.data.global_batch_size, args.data.micro_batch_size, world)
+    data_args = dataclasses.replace(args.data, micro_batch_size=micro)
+    strategy = build_strategy(cfg)
+    prepare_run_dir(layout)
+
     if cfg.get("seed") is not None:  # seed 0 is a seed (`if cfg.seed:` would skip it)
-        L.seed_everything(int(cfg.seed), workers=True)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    model_args = to_dataclass(ModelArgs, cfg.model, "model")
-    ft_args = to_dataclass(FinetuneArgs, cfg.finetune, "finetune")
-    optim_args = to_dataclass(OptimArgs, cfg.optim, "optim")
-    data_args = to_dataclass(DataArgs, cfg.data, "data")
-    ds_args = to_dataclass(DatasetArgs, cfg.dataset, "dataset")
-
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    world = world_size(trainer_cfg)
-    accum = accumulation(data_args, world)
-
-    # Data rows first: a missing dataset is reported before a (possibly huge) model download.
-    dm = ChatDataModule(ds_args, data_args, tokenizer=None, seed=cfg.get("seed"))
+    dm = ChatDataModule(args.dataset, data_args, tokenizer=None, seed=cfg.get("seed"))
     dm.load()
-    model_path = resolve_model_path(model_args)
-    tokenizer = load_tokenizer(model_args, model_path)
+    model_path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(args.model, model_path)
     dm.tokenizer = tokenizer
     dm.stop_ids = stop_token_ids(tokenizer)
     dm.setup("fit")
     data_stats = dm.train_stats.summary()
-    atomic_write_json(run_dir / "data_stats.json", {"train": data_stats, "held_out_rows": len(dm.held_out_rows),
-                                                     "provenance": dm.provenance})
+    order = dm.order_summary(world, args.trainer.max_steps or -1, args.trainer.max_epochs)
+    log.info("training order: %s", describe_order(order))
+    atomic_write_json(layout.data_stats, {"train": data_stats, "order": order, "held_out_rows": len(dm.held_out_rows),
+                                          "provenance": dm.provenance})
 
-    module = CausalLMModule(model_args, ft_args, optim_args, model_path)
-    if cfg.get("ckpt_path") and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
-        keep_metrics_history(run_dir)
-    loggers = build_loggers(cfg, run_dir)
+    module = CausalLMModule(args.model, args.finetune, args.optim, model_path)
+    if ckpt_path and global_rank() == 0:
+        keep_metrics_history(layout.root)
+    loggers = build_loggers(cfg, args, layout.root)
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
         if hasattr(lg, "log_metrics"):
-            lg.log_metrics({f"data/{k}": float(v) for k, v in data_stats.items() if isinstance(v, (int, float))}, step=0)
-    callbacks = build_callbacks(cfg, run_dir, tokenizer)
+            lg.log_metrics({f"data/{k}": float(v) for k, v in {**data_stats, **order}.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+    full = args.finetune.kind == "full"
+    clock = FitClock()
+    callbacks = build_callbacks(cfg, layout, full, tokenizer) + ui_callbacks(args) + [clock]
 
-    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision"))
+    trainer_kw = args.trainer.trainer_kwargs()
+    trainer_kw["precision"] = resolve_precision(trainer_kw.get("precision"))
+    key = setting_key(args.model.name_or_path or args.model.name, accelerator_kind(args.trainer),
+                      trainer_kw["precision"], world)
+    forecast = forecast_training(rows=dm.train_stats.rows_kept, mean_tokens=mean_tokens(dm.train_stats),
+                                 tokens_note="the prepared rows' mean length", global_batch=data_args.global_batch_size,
+                                 micro_batch=micro, accumulation=accum, world=world,
+                                 max_steps=args.trainer.max_steps, max_epochs=args.trainer.max_epochs,
+                                 throughput_key=key)
+    for line in forecast.lines():
+        log.info(line)
+    if not dm.val_examples:  # no held-out rows: no validation loop (and no "empty val loader" warning)
+        trainer_kw["limit_val_batches"] = 0
     trainer = L.Trainer(
-        **trainer_cfg,
-        strategy=build_strategy(cfg),
+        **trainer_kw,
+        strategy=strategy,
         accumulate_grad_batches=accum,
         logger=loggers,
         callbacks=callbacks,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(layout.root),
+        plugins=[AtomicCheckpointIO()],
     )
-    ckpt_path = cfg.get("ckpt_path")
+    saver = next((c for c in callbacks if isinstance(c, SaveTrainedWeights)), None)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if saver is not None:  # a resume that had nothing left to train: the weights from the checkpoint
+            saver.ensure_saved(trainer, ckpt_path, layout.root, model_path)
     finally:
-        if cfg.get("logger", {}).get("wandb"):
+        if args.logger.wandb is not None:
             import wandb
 
             wandb.finish()  # one W&B run per job, also inside a multirun
+    fit_s = clock.seconds
+    actual = forecast_training(rows=dm.train_stats.rows_kept, mean_tokens=mean_tokens(dm.train_stats),
+                               tokens_note="steps trained x global batch x mean length",
+                               global_batch=data_args.global_batch_size, micro_batch=micro, accumulation=accum,
+                               world=world, max_steps=trainer.global_step - clock.start_step, max_epochs=None,
+                               throughput_key=key)
+    actual.est_wall_s, actual.wall_note = round(fit_s, 2), "measured (the fit loop)"
+    if trainer.is_global_zero and actual.steps and actual.tokens and fit_s > 0:
+        record_throughput(key, actual.tokens / fit_s, actual.steps)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary = {
-        "run_dir": str(run_dir),
+        "run_dir": str(layout.root),
         "global_step": trainer.global_step,
+        "micro_batch_size": micro,
         "accumulate_grad_batches": accum,
         "world_size": world,
         "metrics": metrics,
-        "adapter_dir": str(callbacks[1].saved) if callbacks[1].saved else None,
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        "metrics_csv": str(run_dir / "metrics.csv"),
+        "adapter_dir": str(saver.saved) if saver is not None and saver.saved else None,
+        "last_checkpoint": str(layout.last_checkpoint),
+        "metrics_csv": str(layout.metrics_csv),
         "base_model": model_path,
+        "resumed_from": ckpt_path,
         "data": data_stats,
+        "forecast": forecast.as_dict(),
+        "actual": actual.as_dict(),
+        "order": order,
+
         "wall_s": round(time.time() - t0, 2),
     }
     if trainer.is_global_zero:
-        atomic_write_json(run_dir / "train_summary.json", summary)
+        atomic_write_json(layout.train_summary, summary)
     return summary

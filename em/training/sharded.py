@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 from em.errors import ConfigError
+from em.utils.dist import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ def zero_stage(strategy: Any) -> int | None:
 def is_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
-
-def _is_global_zero(strategy: Any) -> bool:
-    if strategy is not None:
-        return bool(strategy.is_global_zero)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
-
-
-# -- building the model under a sharded strategy ----------------------------------------------------------
 
 def zero3_reentrant_checkpointing_needed() -> bool:
     """Whether the installed DeepSpeed needs reentrant activation checkpointing for frozen params under ZeRO-3.
@@ -138,7 +129,7 @@ def build_model(model_args, finetune_args, model_path: str | None, strategy: Any
 
     Called from ``CausalLMModule.configure_model`` (inside the strategy's ``model_sharded_context``).
     """
-    from em.models.loading import load_model
+    from em.models.loading import checkpointing_enabled, load_model
     from em.models.peft_setup import apply_finetune
 
     stage = zero_stage(strategy)
@@ -147,7 +138,7 @@ def build_model(model_args, finetune_args, model_path: str | None, strategy: Any
         return apply_finetune(base, finetune_args)
     with _hf_zero3_loading(strategy):
         base = load_model(model_args, model_path)
-        if getattr(base, "is_gradient_checkpointing", False) and finetune_args.kind != "full" \
+        if checkpointing_enabled(base) and finetune_args.kind != "full" \
                 and zero3_reentrant_checkpointing_needed():
             # Workaround for https://github.com/deepspeedai/DeepSpeed/issues/4332 (see the function above);
             # apply_finetune then makes the embedding outputs require grad, which reentrant checkpointing needs.
@@ -252,7 +243,7 @@ def gather_state(module: nn.Module, strategy: Any = None, *, trainable_only: boo
     A collective under ZeRO-3 and FSDP: call it on every rank. With ``rank0_only`` the other ranks take part
     in the gather but return an empty dict (for a full model: one CPU copy, on rank 0).
     """
-    keep = not rank0_only or _is_global_zero(strategy)
+    keep = not rank0_only or is_global_zero(strategy)
     stage = zero_stage(strategy)
     if stage == 3:
         return _gather_zero3(module, trainable_only, keep)
@@ -413,35 +404,6 @@ class EMDeepSpeedStrategy(DeepSpeedStrategy):
             extra = OmegaConf.to_container(extra_config, resolve=True) if isinstance(extra_config, DictConfig) \
                 else dict(extra_config)
             _deep_merge(self.config, extra)
-
-    def _init_optimizers(self):
-        optimizer, scheduler_cfg = super()._init_optimizers()
-        prune_empty_param_groups(optimizer, scheduler_cfg.scheduler if scheduler_cfg is not None else None)
-        return optimizer, scheduler_cfg
-
-
-def prune_empty_param_groups(optimizer: torch.optim.Optimizer, scheduler: Any = None) -> int:
-    """Drop empty param groups from ``optimizer`` and the matching per-group entries of ``scheduler``.
-
-    DeepSpeed removes empty groups from the client optimizer in place, after the LR scheduler captured one
-    ``base_lrs`` / ``lr_lambdas`` entry per group; torch >= 2.10 then fails the first scheduler step with
-    ``zip() argument 2 is longer than argument 1``. With LoRA the no-weight-decay group is always empty
-    (no biases / norms are trained). Known issue: https://github.com/huggingface/transformers/pull/43692,
-    https://github.com/OpenRLHF/OpenRLHF/issues/1225 (DeepSpeed's removal of empty groups:
-    https://github.com/deepspeedai/DeepSpeed/pull/4277). Can go once em's optimizer builds no empty groups.
-    Pruning both together keeps them aligned; a no-op when no group is empty. Returns the groups dropped.
-    """
-    groups = optimizer.param_groups
-    keep = [i for i, g in enumerate(groups) if g["params"]]
-    n = len(groups)
-    if len(keep) == n or not keep:
-        return 0
-    if scheduler is not None:
-        for attr, value in list(vars(scheduler).items()):
-            if isinstance(value, list) and len(value) == n:  # base_lrs, _last_lr, lr_lambdas ...
-                setattr(scheduler, attr, [value[i] for i in keep])
-    groups[:] = [groups[i] for i in keep]
-    return n - len(keep)
 
 
 class CPUDeepSpeedStrategy(EMDeepSpeedStrategy):

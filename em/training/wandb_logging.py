@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from em.config import plain
+
+
+@dataclass
+class WandbArgs:
+    """``logger.wandb``: one W&B run per job; offline unless ``WANDB_MODE=online`` (no account needed)."""
+
+    project: str = "em"
+    entity: str | None = None
+    mode: str | None = None
+    """None -> $WANDB_MODE, else offline."""
+    name: str | None = None
+    """None -> <model>-<dataset>-s<seed>."""
+    group: str | None = None
+    """None -> experiment_name, else the dataset name."""
+    job_type: str | None = None
+    """None -> the dataset name."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerArgs:
+    """``logger:``: CSV is always written (run_dir/metrics.csv); this adds other loggers."""
+
+    wandb: WandbArgs | None = None
 
 
 def run_name(cfg: DictConfig) -> str:
