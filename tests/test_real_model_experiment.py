@@ -10,6 +10,8 @@ from tests.helpers import CONF
 
 
 def sweep_cfg(*overrides: str):
+    import em.schemas  # noqa: F401  (registers the config schemas with Hydra)
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("sweep", overrides=list(overrides), return_hydra_config=True)
 
