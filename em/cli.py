@@ -3,6 +3,7 @@
     em data list|download|info|build ...     # = python -m em.data ...
     em report <sweep_dir> [--out DIR]        # = python -m em.report ...
     em summary <sweep_dir>                   # = python -m em.sweep.summary ...: state of a sweep's jobs
+    em wandb dashboard|upload ...            # = python -m em.wandb.cli ...: W&B workspace, log finished runs
     em train|eval|sweep [hydra overrides]    # = python train.py|eval.py|sweep.py ... (from a checkout)
 
 ``train`` / ``eval`` / ``sweep`` are Hydra applications whose configs (``conf/``) live in the repository,
@@ -39,10 +40,17 @@ def _summary(argv: list[str]) -> int:
     return main(argv)
 
 
+def _wandb(argv: list[str]) -> int:
+    from em.wandb.cli import main
+
+    return main(argv)
+
+
 TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "list, download, inspect and build datasets (python -m em.data)"),
     "report": (_report, "cross-seed report of a sweep dir: tables and figures (python -m em.report)"),
     "summary": (_summary, "done / failed / incomplete jobs of a sweep dir (python -m em.sweep.summary)"),
+    "wandb": (_wandb, "W&B: em's dashboard (dashboard), log a finished run or sweep (upload)"),
 }
 
 
