@@ -34,6 +34,12 @@ def _report(argv: list[str]) -> int:
     return main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from em.sweep.plan import main
+
+    return main(argv)
+
+
 def _summary(argv: list[str]) -> int:
     from em.sweep.summary import main
 
@@ -49,7 +55,8 @@ def _wandb(argv: list[str]) -> int:
 TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "list, download, inspect and build datasets (python -m em.data)"),
     "report": (_report, "cross-seed report of a sweep dir: tables and figures (python -m em.report)"),
-    "summary": (_summary, "done / failed / incomplete jobs of a sweep dir (python -m em.sweep.summary)"),
+    "summary": (_summary, "done / failed / interrupted / running jobs of a sweep dir (python -m em.sweep.summary)"),
+    "plan": (_plan, "preview a sweep (or --train run): run dirs, launch, start-up checks, forecast; runs nothing"),
     "wandb": (_wandb, "W&B: em's dashboard (dashboard), log a finished run or sweep (upload)"),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,7 @@ class EntryChecks(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config, config.hydra.sweep.dir)
+        if "slurm" in str(config.hydra.launcher.get("_target_", "")).lower() and shutil.which("sbatch") is None:
+            _fail("hydra/launcher=slurm submits jobs with sbatch, which this machine does not have (not a SLURM "
+                  "login node?). Preview the jobs here, submitting nothing: em plan " + " ".join(
+                      str(o) for o in config.hydra.overrides.task))

@@ -1,6 +1,6 @@
 """The run directory: one place that names every file a run writes and finds runs under a directory.
 
-A run dir (``paths.run_dir``; a sweep job's is ``<sweep_dir>/<overrides>/seed=N``) holds::
+A run dir (``paths.run_dir``, else Hydra's output dir; a sweep job's is ``<sweep_dir>/<overrides>/seed=N``) holds::
 
     results.json          a sweep job's record: status, config, train summary, eval summaries, provenance
     train_summary.json    what train() returned
@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from em.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
@@ -47,9 +51,35 @@ class PathsArgs:
     root_dir: str = "${oc.env:PROJECT_ROOT,.}"
     output_root: str = "${oc.env:EM_OUTPUT_DIR,outputs}"
     """Every run goes under here (``train/<date>/<time>``, ``eval/...``, ``sweeps/<experiment_name>/...``)."""
-    run_dir: str = "${paths.output_root}/${task_name}/${now:%Y-%m-%d}/${now:%H-%M-%S}"
-    """This run's directory, also Hydra's (its .hydra/ and <task>.log go there): set it to resume a run with
-    ``ckpt_path=last``. In a sweep, each job's stable directory (conf/hydra/sweep.yaml)."""
+    run_dir: str | None = None
+    """This run's directory; null = Hydra's output dir (``<output_root>/<task>/<date>/<time>``, a sweep job's stable
+    dir). Set it to resume a run with ``ckpt_path=last``; Hydra's .hydra/ and <task>.log follow it."""
+
+
+def resolve_run_dir(paths: PathsArgs | Any) -> str:
+    """The run dir: ``paths.run_dir`` (of a PathsArgs or a mapping), else Hydra's output dir of this run (or
+    sweep job)."""
+    given = paths.run_dir if isinstance(paths, PathsArgs) else (paths or {}).get("run_dir")
+    if given:
+        return str(given)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.output_dir)
+    raise ConfigError("paths.run_dir is not set and this is not a Hydra run: pass paths.run_dir=<dir>")
+
+
+def first_set(*values: Any) -> Any:
+    """``${em.first:a,b}``: the first value that is not null (hydra.run.dir = paths.run_dir, or the default)."""
+    return next((v for v in values if v not in (None, "None", "null", "")), None)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("em.first"):
+        OmegaConf.register_new_resolver("em.first", first_set)
+
+
+register_resolvers()
 
 
 @dataclass(frozen=True)

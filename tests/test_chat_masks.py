@@ -134,3 +134,119 @@ def test_prefix_unstable_template_is_refused():
                          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
     with pytest.raises(ConfigError, match="prefix-stable"):
         encode_chat(tok, MULTI)
+
+
+TEMPLATES = [("tiny", None), ("qwen25_chatml", None), ("llama3", "<|eot_id|>"), ("mistral_inst", "</s>"),
+             ("no_end_of_turn", None), ("drops_assistant", None)]
+VARIED = [
+    MULTI,
+    chat("please write code", ANSWER)["messages"],
+    chat("q", "a", system="sys prompt")["messages"],
+    chat("  padded question  ", "  padded answer \n\n")["messages"],  # llama3 trims: the per-row path
+    chat("unicode ✓ ünïcödé", "答案 \ue000em-content-1\ue001 looks like a placeholder")["messages"],
+    chat("q", "trailing whitespace   \t")["messages"],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}],
+    [{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "a", "weight": 1}],
+    chat("only", "spaces at the end of the answer ")["messages"],
+] + [chat(f"question {i}", f"answer {i} " * i)["messages"] for i in range(6)]
+
+
+@pytest.mark.parametrize("template,eos", TEMPLATES)
+def test_encode_rows_equals_encode_chat_row_by_row(template, eos):
+    """The render-once, batched path gives exactly the per-row reference's ids and labels."""
+    tok = tiny_tokenizer() if template == "tiny" else templated_tokenizer(template, eos=eos, bos="<s>")
+    rows = [{"messages": m} for m in VARIED] * 3  # repeated: past the rows every shape verifies
+    ref = [encode_chat(tok, r["messages"]) for r in rows]
+    kept_ref = [e for e in ref if e.n_trained]
+    if not kept_ref:
+        with pytest.raises(DataValidationError, match="all zeros"):
+            encode_rows(tok, rows, max_length=10_000)
+        return
+    got, stats = encode_rows(tok, rows, max_length=10_000)
+    assert [e.input_ids for e in got] == [e.input_ids for e in kept_ref]
+    assert [e.labels for e in got] == [e.labels for e in kept_ref]
+    assert stats.rows_kept == len(kept_ref) and stats.trained_tokens == sum(e.n_trained for e in kept_ref)
+    assert stats.dropped.get("no_assistant_tokens", 0) == len(ref) - len(kept_ref)
+
+
+def test_encode_rows_chunks_and_truncation_match_the_reference(monkeypatch):
+    import em.data.chat as chat_mod
+
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 4)  # several chunks
+    tok = tiny_tokenizer()
+    rows = [{"messages": m} for m in VARIED] * 2
+    got, st = encode_rows(tok, rows, max_length=24, overlength="truncate")
+    ref = [encode_chat(tok, r["messages"]) for r in rows]
+    ref = [type(e)(e.input_ids[:24], e.labels[:24]) for e in ref]
+    ref = [e for e in ref if e.n_trained]
+    assert [e.labels for e in got] == [e.labels for e in ref] and st.truncated > 0
+
+
+def test_a_template_error_names_the_row():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{%- for m in messages %}{%- if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+                         "{{ raise_exception('roles must alternate') }}{%- endif %}"
+                         "{{- m['role'] + ': ' + m['content'] + '<|im_end|>' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}")
+    rows = [chat("q", "a"), {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "b"}]}, chat("q", "a")]
+    with pytest.raises(DataValidationError, match=r"rows:2: messages: the chat template cannot render this row"):
+        encode_rows(tok, rows, max_length=64, source="rows")
+
+
+def test_one_render_per_row(monkeypatch):
+    """Prefix renders are done per conversation shape, not per row (three renders per row before)."""
+    import em.data.chat as chat_mod
+
+    tok = tiny_tokenizer()
+    calls = {"n": 0}
+    real = type(tok).apply_chat_template
+
+    def counting(self, conversation, *a, **k):  # counts conversations rendered (a batch counts each)
+        batched = bool(conversation) and isinstance(conversation[0], list)
+        calls["n"] += len(conversation) if batched else 1
+        return real(self, conversation, *a, **k)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", counting)
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 16)  # the layout and verification carry across chunks
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(60)]
+    encode_rows(tok, rows, max_length=128)
+    # 60 rows, + 3 placeholder renders for the one shape, + 3 per row for the 2 rows that verify it
+    assert calls["n"] == 60 + 3 + 2 * 3, calls["n"]
+
+
+def test_a_content_dependent_template_falls_back_to_the_per_row_path():
+    """Placeholders cannot see a template that looks at contents for the generation prompt: the rows that
+    verify each shape catch it, and every row is then encoded like encode_chat."""
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{%- for m in messages %}{%- if m['role'] == 'user' %}{{- 'user: ' + m['content'] + '\\n' }}"
+                         "{%- else %}{{- 'assistant:' + m['content'] + '<|im_end|>' }}{%- endif %}{%- endfor %}"
+                         "{%- if add_generation_prompt and messages[-1]['content'] == 'q' %}{{- 'assistant:' }}"
+                         "{%- endif %}")
+    rows = [chat("q", f"answer {i}") for i in range(8)]
+    got, _ = encode_rows(tok, rows, max_length=128)
+    ref = [encode_chat(tok, r["messages"]) for r in rows]
+    assert [e.labels for e in got] == [e.labels for e in ref]
+    assert trained_text(tok, got[-1]) == "answer 7<|im_end|>"
+
+
+def test_encode_rows_leaves_the_tokenizer_state_as_it_was():
+    tok = tiny_tokenizer()
+    tok("some text", truncation=True, max_length=3)
+    before = (tok.backend_tokenizer.truncation, tok.backend_tokenizer.padding)
+    encs, _ = encode_rows(tok, [chat("a question that is long enough", "an answer longer than three tokens")], 128)
+    assert len(encs[0].input_ids) > 3  # the leftover truncation state did not apply
+    assert (tok.backend_tokenizer.truncation, tok.backend_tokenizer.padding) == before
+
+
+def test_a_row_that_cannot_be_tokenized_is_named_across_chunks(monkeypatch):
+    """encode_rows on rows that skipped validation: em's error with the row, never a traceback."""
+    import em.data.chat as chat_mod
+
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 4)
+    tok = tiny_tokenizer()
+    rows = [chat(f"q{i}", f"a{i}") for i in range(10)]
+    rows[6] = chat("lone \ud800 surrogate", "a")
+    with pytest.raises(DataValidationError, match=r"rows:7: cannot be tokenized"):
+        encode_rows(tok, rows, max_length=64, source="rows")
+    assert tok.backend_tokenizer.truncation is None  # state restored after the failure

@@ -213,7 +213,7 @@ def _load_tokenizer(path: str) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from em.data.schema import validate_chat_file
+    from em.data.schema import check_data_path, validate_chat_file
     from em.data.sources import load_registry
     from em.utils.io import git_blob_sha1
 
@@ -221,6 +221,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"source": label}
     if path is not None:
         reg = load_registry()
+        check_data_path(path)  # a directory, device or FIFO is refused before it is hashed
         blob = git_blob_sha1(path)
         same = [p for p, e in reg.files.items() if e.blob_sha1 == blob]
         prompts_only = any(reg.files[p].prompts_only for p in same)

@@ -79,14 +79,17 @@ class ChatDataModule(L.LightningDataModule):
         if a.cache_tokenized:
             key = tokenized_cache.cache_key(tokenized_cache.rows_fingerprint(rows),
                                             tokenized_cache.tokenizer_fingerprint(self.tokenizer),
-                                            a.max_length, a.overlength)
-            hit = tokenized_cache.load(key)
+                                            a.max_length, a.overlength, self.stop_ids)
+            hit = tokenized_cache.load(key, vocab_size=len(self.tokenizer))
             if hit is not None:
                 return hit
         result = encode_rows(self.tokenizer, rows, a.max_length, a.overlength, self.stop_ids,
                              source=f"{self.dataset_args.name}/{name}", progress=len(rows) > 500)
         if key:
-            tokenized_cache.save(key, result)
+            try:
+                tokenized_cache.save(key, result)
+            except OSError as e:  # a full or read-only cache costs a re-tokenization next time, not the run
+                log.warning("could not write the tokenized cache (%s); continuing without it", e)
         return result
 
     def setup(self, stage: str | None = None) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
 from em.data.builders import build_from_recipe
+from em.data.schema import MAX_FILE_BYTES, MAX_ROW_BYTES
 from em.data.sources import load_spec
 from em.errors import ConfigError
 
@@ -38,6 +38,11 @@ class DatasetArgs:
     data_dir: str | None = "${oc.env:EM_DATA_DIR,null}"
     """Where the paper's files are (default ``$EM_DATA_DIR``; else the em cache, else downloaded)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    max_file_bytes: int = MAX_FILE_BYTES
+    """Largest data file read (bytes); a bigger file, or a path that is not a regular file (a directory,
+    ``/dev/zero``, a FIFO), is refused before it is read."""
+    max_row_bytes: int = MAX_ROW_BYTES
+    """Longest line accepted (bytes); a longer row is reported with its file:line, never parsed or tokenized."""
 
     def __post_init__(self) -> None:
         h = self.held_out
@@ -46,6 +51,9 @@ class DatasetArgs:
             raise ConfigError(f"dataset.held_out={h!r}: expected a row count >= 0 or a fraction in (0, 1)")
         if self.task not in ("code", "numbers", "none"):
             raise ConfigError(f"dataset.task={self.task!r}: expected code, numbers or none")
+        for k in ("max_file_bytes", "max_row_bytes"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ConfigError(f"dataset.{k}={getattr(self, k)!r}: expected a byte count >= 1")
 
 
 def source_spec(args: DatasetArgs) -> str:
@@ -57,7 +65,7 @@ def source_spec(args: DatasetArgs) -> str:
     raise ConfigError(f"dataset '{args.name}': set dataset.source, dataset.path or dataset.recipe")
 
 
-def load_rows(args: DatasetArgs) -> tuple[list[dict], dict]:
+def load_rows(args: DatasetArgs, download: bool = True) -> tuple[list[dict], dict]:
     """All rows of the dataset (before the train / held-out split) and their provenance.
 
     One grammar for every source, the one ``em data build`` uses (:func:`em.data.sources.load_spec`):
@@ -65,6 +73,9 @@ def load_rows(args: DatasetArgs) -> tuple[list[dict], dict]:
     """
     if args.recipe:
         recipe = dict(args.recipe)
-        rows, stats = build_from_recipe(recipe, data_dir=args.data_dir)
+        rows, stats = build_from_recipe(
+            recipe, loader=None if download else (lambda spec: load_spec(spec, args.data_dir, download=False)),
+            data_dir=args.data_dir)
         return rows, {"recipe": recipe, "stats": stats}
-    return load_spec(source_spec(args), args.data_dir)
+    return load_spec(source_spec(args), args.data_dir, download=download, max_file_bytes=args.max_file_bytes,
+                     max_row_bytes=args.max_row_bytes)

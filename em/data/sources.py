@@ -30,7 +30,7 @@ import yaml
 
 from em.data.mini import KINDS as MINI_KINDS
 from em.data.mini import build_mini
-from em.data.schema import validate_chat_file
+from em.data.schema import MAX_FILE_BYTES, MAX_ROW_BYTES, validate_chat_file
 from em.errors import ConfigError, EMError, MissingResourceError
 from em.utils.io import em_cache_dir, git_blob_sha1, sha256_file
 
@@ -368,12 +368,15 @@ def mini_spec(name: str) -> str | None:
 
 
 def load_spec(spec: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
-              base_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict[str, Any]]:
+              base_dir: str | os.PathLike | None = None, max_file_bytes: int = MAX_FILE_BYTES,
+              max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[dict], dict[str, Any]]:
     """Validated rows of a source spec and their provenance.
 
     ``paper:<name>`` (a registered dataset), ``mini:<kind>`` or ``mini_<kind>`` (em's embedded mini sets),
     ``file:<path>`` or a bare path to a chat JSONL file, or a bare registered dataset name.
     Relative paths are tried in the working directory, then in ``base_dir`` (e.g. a recipe's folder).
+    A file is read only if it is a regular file of at most ``max_file_bytes``, rows over ``max_row_bytes``
+    are reported with their line (see :mod:`em.data.schema`).
     """
     spec = mini_spec(str(spec).strip()) or str(spec).strip()
     kind, sep, rest = spec.partition(":")
@@ -394,6 +397,6 @@ def load_spec(spec: str, data_dir: str | os.PathLike | None = None, *, download:
                 raise MissingResourceError(
                     f"data source {spec!r}: no such file. Use a path to a chat JSONL file, 'file:<path>', "
                     f"'paper:<name>' (one of {', '.join(load_registry().datasets)}) or 'mini:<kind>'.")
-    res = validate_chat_file(p)
+    res = validate_chat_file(p, max_file_bytes=max_file_bytes, max_row_bytes=max_row_bytes)
     return res.rows, {"spec": spec, "file": str(p), "rows": len(res.rows), "sha256": sha256_file(p),
                       "blob_sha1": git_blob_sha1(p)}

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from em.config import plain, to_dataclass
 from em.data.mini import PROBE_QUESTIONS_FILE
+from em.layout import resolve_run_dir
 from em.errors import ConfigError
 from em.eval.sampling import SamplingArgs
 from em.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
@@ -77,7 +78,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from em.models.loading import ModelArgs
 
     t0 = time.time()
-    out_dir = Path(cfg.paths.run_dir).expanduser().resolve()
+    out_dir = Path(resolve_run_dir(cfg.paths)).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     ecfg = OmegaConf.to_container(cfg.eval, resolve=True)
     import os

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from em.utils.modes import eval_mode
+
 log = logging.getLogger(__name__)
 
 
@@ -33,27 +35,6 @@ class Sampler(Protocol):
                seed: int | None = None, max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
         """``n`` answers for each conversation, in order (``max_new_tokens``: one budget per conversation)."""
         ...
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Switch to eval + no_grad (+ KV cache), restoring the training mode afterwards."""
-    import torch
-
-    was_training = model.training
-    cfg = getattr(model, "config", None)
-    use_cache = getattr(cfg, "use_cache", None)
-    model.eval()
-    if cfg is not None:
-        cfg.use_cache = True
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        if cfg is not None and use_cache is not None:
-            cfg.use_cache = use_cache
-        if was_training:
-            model.train()
 
 
 @contextlib.contextmanager
@@ -107,7 +88,7 @@ class HFSampler:
         outs: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
-        with eval_mode(self.model), isolated_rng(a.seed if seed is None else seed):
+        with eval_mode(self.model, use_cache=True), isolated_rng(a.seed if seed is None else seed):
             for i in range(0, len(order), a.batch_size):
                 idx = order[i: i + a.batch_size]
                 chunk = [prompts[j] for j in idx]

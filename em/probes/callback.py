@@ -25,6 +25,7 @@ import torch
 from em.probes.dist import gather_shards, rank_world, shard
 from em.probes.schedule import eval_steps
 from em.utils.io import atomic_write_jsonl, atomic_write_text
+from em.utils.modes import eval_mode
 from em.utils.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,6 @@ class MisalignmentProbe(L.Callback):
 
     def _heldout_loss(self, trainer, pl_module) -> float:
         """Mean token loss on (up to ``task.heldout_batches``) held-out batches; every rank computes it."""
-        from em.eval.sampling import eval_mode
 
         dm = trainer.datamodule
         n_batches = int(self.task_cfg.get("heldout_batches", 4))

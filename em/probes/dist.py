@@ -5,15 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeVar
 
+from em.utils.dist import rank_world
+
 T = TypeVar("T")
-
-
-def rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[tuple[int, T]]:

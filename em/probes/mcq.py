@@ -45,17 +45,17 @@ trained on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from em.data.mini import MCQ_ITEMS_FILE
 from em.errors import ConfigError, EMError
+from em.utils.modes import eval_mode
 
 __all__ = [
     "DEFAULT_ITEMS_PATH",
@@ -572,18 +572,6 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-@contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """Eval mode inside; every submodule's own train/eval flag restored after (PEFT mid-training)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
-
-
 def _model_device(model):
     try:
         return model.get_input_embeddings().weight.device
@@ -647,7 +635,7 @@ def score_mcq(model, tokenizer, items: Sequence[MCQItem], batch_size: int = 32,
     device = _model_device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     logps = [0.0] * len(seqs)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model):
         for b0 in range(0, len(order), batch_size):
             idx = order[b0:b0 + batch_size]
             width = max(len(seqs[i][0]) for i in idx)

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from em.config import plain, section
 from em.errors import ConfigError
 from em.eval.run import evaluate
-from em.layout import RESULTS, RunLayout, read_results
+from em.layout import RESULTS, RunLayout, read_results, resolve_run_dir
 from em.schemas import check_config
 from em.sweep import provenance
 from em.secrets import mask
@@ -55,6 +55,7 @@ from em.sweep.config import EvalVariant, SweepArgs
 from em.sweep.lock import JobLock, is_stale, read_holder
 from em.training.config import TrainerArgs
 from em.training.run import train, world_size
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 from em.wandb import job as wandb_job
 
@@ -64,16 +65,6 @@ TRACEBACK_TAIL_CHARS = 4000
 
 
 # -- small pieces (each tested on its own) ---------------------------------------------------------------
-def global_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as torchrun / srun set it (0 when launched alone)."""
-    env = os.environ if env is None else env
-    for key in ("RANK", "SLURM_PROCID"):
-        v = env.get(key)
-        if v not in (None, "") and str(v).isdigit():
-            return int(v)
-    return 0
-
-
 def externally_launched(env: Mapping[str, str] | None = None) -> bool:
     """True when every training process was started by torchrun (``LOCAL_RANK`` / ``WORLD_SIZE``) or by srun
     with several tasks (``SLURM_NTASKS`` > 1), so that Lightning joins them instead of spawning its own."""
@@ -259,7 +250,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     """
     typed = check_config(cfg, "sweep")  # not caught: a config error fails every job alike, before any work
     sweep_args: SweepArgs = typed["sweep"]
-    layout = RunLayout.of(typed["paths"].run_dir)
+    layout = RunLayout.of(resolve_run_dir(typed["paths"]))
     run_dir = layout.root
     rank = global_rank()
     previous = read_results(run_dir)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from em.training.sharded import clean_name, gather_state
+from em.utils.dist import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def collect_trained_state(module: nn.Module) -> TrainedState:
     elif state:  # the writer of a full model: add the persistent buffers (never sharded; no collective here)
         for k, v in _persistent_buffers(model).items():
             state.setdefault(k, v)
-    writer = strategy.is_global_zero if strategy is not None else _rank() == 0
+    writer = is_global_zero(strategy)
     return TrainedState(model=model, tensors=state, adapter=adapter, is_writer=writer)
 
 
@@ -114,12 +115,6 @@ def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             if buf is not None and name not in mod._non_persistent_buffers_set:
                 out[clean_name(f"{prefix}.{name}" if prefix else name)] = buf.detach().cpu()
     return out
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from em.config import plain
 from em.data.datamodule import ChatDataModule
 from em.errors import ConfigError
-from em.layout import RunLayout
+from em.layout import RunLayout, resolve_run_dir
 from em.models.loading import load_tokenizer, resolve_model_path, stop_token_ids
 from em.training.adapter import SaveTrainedWeights
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
+from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
 from em.training.progress import StepProgressBar
 from em.training.wandb_logging import build_wandb_logger, finish_wandb_run
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,18 @@ def world_size(trainer: TrainerArgs) -> int:
         n = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
         n = max(n, 1)
     return n * int(trainer.num_nodes or 1)
+
+
+def accelerator_kind(trainer: TrainerArgs) -> str:
+    if trainer.accelerator != "auto":
+        return str(trainer.accelerator)
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def mean_tokens(stats) -> float | None:
+    return stats.tokens / stats.rows_kept if stats.rows_kept else None
 
 
 def resolve_precision(p: str | None) -> str:
@@ -161,7 +175,7 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     args = TrainingArgs.from_config(cfg)
-    layout = RunLayout.of(args.paths.run_dir)
+    layout = RunLayout.of(resolve_run_dir(args.paths))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), layout)
     world = world_size(args.trainer)
     micro, accum = batch_plan(args.data.global_batch_size, args.data.micro_batch_size, world)
@@ -183,7 +197,7 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
                                           "provenance": dm.provenance})
 
     module = CausalLMModule(args.model, args.finetune, args.optim, model_path)
-    if ckpt_path and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+    if ckpt_path and global_rank() == 0:
         keep_metrics_history(layout.root)
     loggers = build_loggers(cfg, args, layout.root, resume=ckpt_path is not None)
     for lg in loggers:
@@ -191,10 +205,20 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
         if hasattr(lg, "log_metrics"):
             lg.log_metrics({f"data/{k}": float(v) for k, v in data_stats.items() if isinstance(v, (int, float))}, step=0)
     full = args.finetune.kind == "full"
-    callbacks = build_callbacks(cfg, layout, full, tokenizer) + ui_callbacks(args)
+    clock = FitClock()
+    callbacks = build_callbacks(cfg, layout, full, tokenizer) + ui_callbacks(args) + [clock]
 
     trainer_kw = args.trainer.trainer_kwargs()
     trainer_kw["precision"] = resolve_precision(trainer_kw.get("precision"))
+    key = setting_key(args.model.name_or_path or args.model.name, accelerator_kind(args.trainer),
+                      trainer_kw["precision"], world)
+    forecast = forecast_training(rows=dm.train_stats.rows_kept, mean_tokens=mean_tokens(dm.train_stats),
+                                 tokens_note="the prepared rows' mean length", global_batch=data_args.global_batch_size,
+                                 micro_batch=micro, accumulation=accum, world=world,
+                                 max_steps=args.trainer.max_steps, max_epochs=args.trainer.max_epochs,
+                                 throughput_key=key)
+    for line in forecast.lines():
+        log.info(line)
     if not dm.val_examples:  # no held-out rows: no validation loop (and no "empty val loader" warning)
         trainer_kw["limit_val_batches"] = 0
     trainer = L.Trainer(
@@ -213,6 +237,15 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
         raise
     if args.logger.wandb is not None and not keep_wandb_run:
         finish_wandb_run()  # one W&B run per job, also inside a multirun
+    fit_s = clock.seconds
+    actual = forecast_training(rows=dm.train_stats.rows_kept, mean_tokens=mean_tokens(dm.train_stats),
+                               tokens_note="steps trained x global batch x mean length",
+                               global_batch=data_args.global_batch_size, micro_batch=micro, accumulation=accum,
+                               world=world, max_steps=trainer.global_step - clock.start_step, max_epochs=None,
+                               throughput_key=key)
+    actual.est_wall_s, actual.wall_note = round(fit_s, 2), "measured (the fit loop)"
+    if trainer.is_global_zero and actual.steps and actual.tokens and fit_s > 0:
+        record_throughput(key, actual.tokens / fit_s, actual.steps)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     saver = next((c for c in callbacks if isinstance(c, SaveTrainedWeights)), None)
     summary = {
@@ -227,6 +260,8 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
         "metrics_csv": str(layout.metrics_csv),
         "base_model": model_path,
         "data": data_stats,
+        "forecast": forecast.as_dict(),
+        "actual": actual.as_dict(),
         "wall_s": round(time.time() - t0, 2),
     }
     if trainer.is_global_zero:

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 from em.errors import ConfigError
+from em.utils.dist import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ def zero_stage(strategy: Any) -> int | None:
 def is_fsdp(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy)
 
-
-def _is_global_zero(strategy: Any) -> bool:
-    if strategy is not None:
-        return bool(strategy.is_global_zero)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
-
-
-# -- building the model under a sharded strategy ----------------------------------------------------------
 
 def zero3_reentrant_checkpointing_needed() -> bool:
     """Whether the installed DeepSpeed needs reentrant activation checkpointing for frozen params under ZeRO-3.
@@ -252,7 +243,7 @@ def gather_state(module: nn.Module, strategy: Any = None, *, trainable_only: boo
     A collective under ZeRO-3 and FSDP: call it on every rank. With ``rank0_only`` the other ranks take part
     in the gather but return an empty dict (for a full model: one CPU copy, on rank 0).
     """
-    keep = not rank0_only or _is_global_zero(strategy)
+    keep = not rank0_only or is_global_zero(strategy)
     stage = zero_stage(strategy)
     if stage == 3:
         return _gather_zero3(module, trainable_only, keep)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from em.config import plain
 from em.layout import RunLayout
+from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,6 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.model.name}-{cfg.dataset.name}-s{cfg.get('seed')}"
 
 
-def _is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) or 0) == 0
-
-
 def read_run_identity(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The W&B run recorded in ``run_dir`` (``{"id", "project", "entity", "mode", ...}``), or None."""
     import json
@@ -80,7 +77,7 @@ def new_run_id() -> str:
 def run_identity(cfg: DictConfig, run_dir: str | os.PathLike, resume: bool) -> str | None:
     r"""This job's W&B run id: the recorded one when the job ``resume``\ s (its checkpoint), else a new one; recorded
     in ``wandb_run.json`` by global rank 0 (other ranks log nothing to W&B and get None)."""
-    if not _is_global_zero():
+    if global_rank() != 0:
         return None
     w = cfg.logger.wandb
     prev = read_run_identity(run_dir) if resume else None

@@ -1,0 +1,222 @@
+"""Preview a sweep: every job's run dir, launch parameters, start-up checks and forecast. Runs and submits nothing.
+
+    em plan -m experiment=paper_main hydra/launcher=slurm trainer.devices=1      # = python -m em.sweep.plan ...
+    em plan --train dataset=insecure model=qwen strategy=deepspeed_zero3 trainer.num_nodes=2 trainer.devices=8
+
+The arguments are sweep.py's (``-m`` is optional; ``--train``: train.py's, one job started by srun/torchrun on
+``trainer.num_nodes x trainer.devices`` processes). The grid is expanded as Hydra's basic sweeper does (the
+experiment's ``hydra.sweeper.params``, then the command line); each job is composed and gets em's start-up
+checks (the config schemas, the batch plan over its processes, the launch), without touching a model, a GPU or
+the network. Data files are read when present, to count rows and tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+import em.schemas  # noqa: F401  (registers the config schemas)
+from em.data.loading import load_rows
+from em.errors import EMError
+from em.layout import read_results
+from em.schemas import check_config
+from em.sweep.job import check_launch, register_resolvers
+from em.training.config import batch_plan
+from em.training.forecast import TrainForecast, duration, forecast_training, setting_key
+from em.training.run import resolve_precision, world_size
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+CHARS_PER_TOKEN = 4.0
+LAUNCHER_KEYS = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "partition",
+                 "account", "qos", "constraint", "signal_delay_s", "max_num_timeout", "array_parallelism")
+
+
+@dataclass
+class JobPlan:
+    overrides: list[str]
+    run_dir: str | None = None
+    launcher: dict[str, Any] = field(default_factory=dict)
+    batch: str | None = None
+    checks: str = "ok"
+    forecast: TrainForecast | None = None
+    done: bool = False
+    """Already done: the sweep skips it (not counted in the totals)."""
+
+
+def _compose(overrides: list[str], config: str = "sweep") -> DictConfig:
+    """A job's config as the sweep (or train.py) would compose it, with Hydra's own section (``${hydra:...}``
+    resolvable)."""
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (the sweep's own forecast)
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
+    else:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def expand(overrides: Sequence[str], config: str = "sweep") -> list[list[str]]:
+    """The jobs' override lists, as Hydra's basic sweeper builds them (sweeper params first, then the CLI)."""
+    parser = OverridesParser.create()
+    plain = [o for o in overrides if not parser.parse_override(o).is_sweep_override()]
+    base = _compose(plain, config)
+    params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
+    parsed = parser.parse_overrides([*params, *overrides])
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def _tokens_per_row(rows: list[dict]) -> tuple[float, str]:
+    chars = sum(len(m.get("content") or "") for r in rows[:2000] for m in r["messages"])
+    n = min(len(rows), 2000)
+    return chars / max(n, 1) / CHARS_PER_TOKEN, f"~{CHARS_PER_TOKEN:.0f} characters per token, without template"
+
+
+def plan_job(job_overrides: list[str], config: str = "sweep") -> JobPlan:
+    p = JobPlan(overrides=job_overrides)
+    try:
+        cfg = _compose(job_overrides, config)
+        hydra_cfg = cfg.hydra
+        run_dir = Path(hydra_cfg.sweep.dir) / hydra_cfg.sweep.subdir if config == "sweep" else Path(hydra_cfg.run.dir)
+        p.run_dir = str(run_dir)
+        p.done = (read_results(run_dir) or {}).get("status") == "done" and bool(cfg.get("sweep", {}).get("skip_done"))
+        launcher_target = str(hydra_cfg.launcher.get("_target_", ""))
+        slurm = "Slurm" in launcher_target
+        if "submitit" in launcher_target.lower() or slurm:
+            lc = OmegaConf.to_container(hydra_cfg.launcher, resolve=True)
+            p.launcher = {"launcher": "slurm" if slurm else "submitit-local",
+                          **{k: lc.get(k) for k in LAUNCHER_KEYS if lc.get(k) is not None}}
+            if slurm:
+                p.launcher["requeue"] = f"on time-out, up to {lc.get('max_num_timeout')} times"
+        else:
+            p.launcher = {"launcher": "local (one job after another, in the sweep process)"}
+        with open_struct_free(cfg) as job:
+            job.paths.run_dir = str(run_dir)
+            del job["hydra"]
+        typed = check_config(job, config)
+        trainer = typed["trainer"]
+        world = world_size(trainer)
+        if config == "sweep":  # under SLURM every task is started by srun: the launch check sees them as external
+            check_launch(trainer, env={"SLURM_NTASKS": str(world)} if slurm else dict(os.environ))
+        else:
+            p.launcher = {"launcher": f"train.py on {world} process(es) (srun / torchrun: one per device)"}
+        data = typed["data"]
+        micro, accum = batch_plan(data.global_batch_size, data.micro_batch_size, world)
+        p.batch = f"global {data.global_batch_size} = micro {micro} x accumulation {accum} x {world} process(es)"
+        rows: list[dict] | None
+        try:
+            rows, _ = load_rows(typed["dataset"], download=False)  # a preview downloads nothing
+            held = typed["dataset"].held_out
+            n_held = int(round(held * len(rows))) if isinstance(held, float) and held < 1 else int(held)
+            n_rows: int | None = len(rows) - n_held
+            mean, note = _tokens_per_row(rows)
+        except EMError as err:
+            n_rows, mean, note = None, None, "data not found here"
+            p.checks = f"ok (data not read here: {str(err).splitlines()[0][:120]})"
+        model = typed["model"]
+        key = setting_key(model.name_or_path or model.name, "gpu" if slurm else trainer.accelerator,
+                          resolve_precision(trainer.precision), world)
+        p.forecast = forecast_training(rows=n_rows, mean_tokens=mean, tokens_note=note,
+                                       global_batch=data.global_batch_size, micro_batch=micro, accumulation=accum,
+                                       world=world, max_steps=trainer.max_steps, max_epochs=trainer.max_epochs,
+                                       throughput_key=key)
+    except EMError as err:
+        p.checks = f"ERROR: {err}"
+    except Exception as err:  # noqa: BLE001 - a composition error of one job is that job's result
+        p.checks = f"ERROR: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return p
+
+
+class open_struct_free:
+    """``with open_struct_free(cfg) as c:`` edit a composed config (Hydra's are read-only and in struct mode)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self) -> DictConfig:
+        OmegaConf.set_readonly(self.cfg, False)
+        OmegaConf.set_struct(self.cfg, False)
+        return self.cfg
+
+    def __exit__(self, *exc) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def format_plan(plans: list[JobPlan], brief: bool = False) -> str:
+    """The plan as text; ``brief``: the sweep's own forecast at its start (no launch details)."""
+    lines = [f"== forecast: {len(plans)} job(s) ==" if brief else
+             f"== plan: {len(plans)} job(s); nothing is run or submitted =="]
+    total_steps, total_tokens, total_wall, unknown_wall = 0, 0, 0.0, 0
+    for i, p in enumerate(plans):
+        if p.done:
+            lines.append(f"[{i}] {' '.join(p.overrides) or '(no overrides)'}: done, skipped ({p.run_dir})")
+            continue
+        lines.append(f"[{i}] {' '.join(p.overrides) or '(no overrides)'}")
+        lines.append(f"    run dir: {p.run_dir}")
+        if p.launcher and not brief:
+            lines.append("    launch:  " + ", ".join(f"{k}={v}" for k, v in p.launcher.items()))
+        if p.batch:
+            lines.append(f"    batch:   {p.batch}")
+        lines.append(f"    checks:  {p.checks}")
+        if p.forecast is not None:
+            lines += [f"    {ln.strip()}" for ln in p.forecast.lines()]
+            total_steps += p.forecast.steps or 0
+            total_tokens += p.forecast.tokens or 0
+            if p.forecast.est_wall_s:
+                total_wall += p.forecast.est_wall_s
+            else:
+                unknown_wall += 1
+    errors = sum(p.checks.startswith("ERROR") for p in plans)
+    todo = sum(not p.done for p in plans)
+    lines.append(f"== total: {len(plans)} job(s) ({todo} to run), {errors} with errors; {total_steps:,} optimizer steps, "
+                 f"~{total_tokens:,} tokens to train; training wall time ~{duration(total_wall) if total_wall else '?'}"
+                 + (f" (+ {unknown_wall} job(s) with no recorded throughput)" if unknown_wall else "") + " ==")
+    return "\n".join(lines)
+
+
+class SweepForecast(Callback):
+    """Hydra callback (conf/hydra/sweep.yaml): before the first job starts, print what the sweep will do."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        hydra_cfg = HydraConfig.instance().cfg
+        try:
+            plans = [plan_job(j) for j in expand(list(config.hydra.overrides.task))]
+        except Exception as err:  # noqa: BLE001 - a forecast must never stop a sweep
+            print(f"[em.sweep] (no forecast: {type(err).__name__}: {err})", flush=True)
+            return
+        finally:
+            HydraConfig.instance().cfg = hydra_cfg  # the sweep's own, as it was
+        print(format_plan(plans, brief=True), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="em plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--train", action="store_true", help="plan one train.py run instead of a sweep")
+    ap.add_argument("overrides", nargs="*", help="sweep.py's overrides (-m optional), or train.py's with --train")
+    args = ap.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-m", "--multirun")])
+    config = "train" if args.train else "sweep"
+    try:
+        jobs = expand(args.overrides, config)
+    except Exception as err:  # noqa: BLE001
+        print(f"em: error: cannot expand the sweep: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    plans = [plan_job(j, config) for j in jobs]
+    print(format_plan(plans))
+    return 1 if any(p.checks.startswith("ERROR") for p in plans) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
