@@ -18,6 +18,9 @@ from em.errors import ConfigError, MissingResourceError
 
 log = logging.getLogger(__name__)
 
+#: ``model.cross_entropy`` choices (implemented in em/training/loss.py)
+CROSS_ENTROPY_CHOICES = ("chunked", "plain", "liger")
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -43,6 +46,12 @@ class ModelArgs:
     chat_template: str | None = None
     """Override the tokenizer's chat template (a Jinja string or a path to a .jinja file)."""
     gradient_checkpointing: bool = False
+    cross_entropy: str = "chunked"
+    """How the training loss is computed (em/training/loss.py). ``chunked``: the LM head and cross-entropy fused
+    over the trained positions only, a chunk at a time, never holding the (batch, seq, vocab) logits (pure torch,
+    any device; equals ``plain`` to fp tolerance); ``plain``: the model's own forward with labels (full logits);
+    ``liger``: liger-kernel's fused Triton kernel (CUDA only, ``pip install 'em[liger]'``). Under ZeRO-3 / FSDP
+    ``chunked`` and ``liger`` fall back to ``plain``."""
     tiny: dict[str, Any] = field(default_factory=dict)
     """TinySpec fields for ``kind=tiny`` (em.models.tiny.TinySpec)."""
 
@@ -51,6 +60,9 @@ class ModelArgs:
             raise ConfigError(f"model.kind={self.kind!r}: expected 'hf' or 'tiny'")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.cross_entropy not in CROSS_ENTROPY_CHOICES:
+            raise ConfigError(f"model.cross_entropy={self.cross_entropy!r}: expected one of "
+                              f"{', '.join(CROSS_ENTROPY_CHOICES)}")
         if self.kind == "hf" and not self.name_or_path:
             raise ConfigError(f"model '{self.name}': set model.name_or_path to a hub id or a local directory")
 

@@ -9,6 +9,7 @@ import torch
 
 from em.models.loading import ModelArgs
 from em.models.peft_setup import FinetuneArgs
+from em.training.loss import causal_lm_loss, resolve_cross_entropy
 from em.training.optim import OptimArgs, build_optimizer, build_scheduler
 from em.training.sharded import build_model, trainable_param_names
 
@@ -26,6 +27,7 @@ class CausalLMModule(L.LightningModule):
         self.optim_args = optim_args
         self.model_path = model_path
         self.model = None
+        self.cross_entropy = model_args.cross_entropy  # resolved against the model and strategy in configure_model
         # LoRA checkpoints hold only the trainable tensors; the frozen base is rebuilt from its source.
         self.strict_loading = finetune_args.kind == "full"
 
@@ -36,21 +38,22 @@ class CausalLMModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         self.model = build_model(self.model_args, self.finetune_args, self.model_path, strategy)
         self.model.train()  # from_pretrained returns eval mode (dropout off); Lightning does not flip it
+        self.cross_entropy = resolve_cross_entropy(self.model_args.cross_entropy, self.model, strategy)
 
     def forward(self, **batch):
         return self.model(**batch)
 
     def training_step(self, batch, batch_idx):
-        out = self.model(**batch)
+        loss = causal_lm_loss(self.model, batch, self.cross_entropy)
         n_tok = (batch["labels"] != -100).sum()
-        self.log("train/loss", out.loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/trained_tokens", n_tok.float(), on_step=True, reduce_fx="sum",
                  batch_size=batch["input_ids"].shape[0])
-        return out.loss
+        return loss
 
     def validation_step(self, batch, batch_idx):
-        out = self.model(**batch)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        loss = causal_lm_loss(self.model, batch, self.cross_entropy)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model.named_parameters(), self.optim_args)
