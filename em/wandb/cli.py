@@ -81,7 +81,12 @@ def dashboard(args: argparse.Namespace) -> int:
         else:
             print(text)
         return 0
-    w.save()
+    try:
+        w.save()
+    except Exception as e:  # noqa: BLE001 - the network / account error, said with what to do
+        raise EMError(f"could not save the workspace to W&B ({type(e).__name__}: {e}). Log in (`wandb login`, or set "
+                      f"WANDB_API_KEY), check --entity {args.entity} --project {args.project}; --dry-run writes the "
+                      "spec without W&B") from None
     print(f"saved the W&B workspace {w.name!r}: {w.url}")
     return 0
 
