@@ -9,9 +9,9 @@ from pathlib import Path
 
 def _import_matplotlib() -> None:
     try:
-        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.backends.backend_agg
         import matplotlib.figure  # noqa: F401
-    except Exception:  # noqa: BLE001 - the plot itself, on the main thread, reports a real failure
+    except Exception:
         pass
 
 
