@@ -11,7 +11,7 @@ def _import_matplotlib() -> None:
     try:
         import matplotlib.backends.backend_agg
         import matplotlib.figure  # noqa: F401
-    except Exception:
+    except Exception:  # the plot itself, on the main thread, reports a real failure
         pass
 
 

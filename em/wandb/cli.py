@@ -83,7 +83,7 @@ def dashboard(args: argparse.Namespace) -> int:
         return 0
     try:
         w.save()
-    except Exception as e:
+    except Exception as e:  # the network / account error, said with what to do
         raise EMError(f"could not save the workspace to W&B ({type(e).__name__}: {e}). Log in (`wandb login`, or set "
                       f"WANDB_API_KEY), check --entity {args.entity} --project {args.project}; --dry-run writes the "
                       "spec without W&B") from None
