@@ -46,7 +46,7 @@ def log_eval_pass(cfg: DictConfig, run_dir: Path, variant: str, summary: Mapping
         return None
     try:
         return log_eval(current_run(cfg, run_dir), variant, summary, out_dir)
-    except Exception as e:
+    except Exception as e:  # the results are on disk; W&B can be filled later (em wandb upload)
         log.warning("W&B: could not log the evaluation %r (%s: %s); the results are on disk: "
                     "`em wandb upload %s` logs them", variant, type(e).__name__, e, run_dir)
         return None
@@ -57,7 +57,7 @@ def finish_job_run(cfg: DictConfig, status: str | None) -> None:
     if enabled(cfg):
         try:
             finish_wandb_run(exit_code=0 if status == "done" else 1)
-        except Exception as e:
+        except Exception as e:  # closing the run must not lose the results
             log.warning("W&B: could not finish the run (%s: %s)", type(e).__name__, e)
 
 

@@ -98,7 +98,7 @@ def run_config(run_dir: Path, results: dict[str, Any] | None) -> DictConfig:
         cfg = OmegaConf.load(hydra_cfg)
         try:
             return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        except Exception:
+        except Exception:  # ${hydra:...} outside Hydra: keep such values as text
             return OmegaConf.create(_escape(OmegaConf.to_container(cfg, resolve=False)))
     raise EMError(f"{run_dir}: no results.json config and no .hydra/config.yaml: not an em run dir")
 
