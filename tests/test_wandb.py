@@ -247,3 +247,25 @@ def test_skip_done_says_how_to_log_a_finished_job(tmp_path, capsys):
     # without logger=wandb the line stays as it was
     sweep_job.run_job(compose_sweep(["experiment=demo"], run_dir=run))
     assert "em wandb upload" not in capsys.readouterr().out
+
+
+def test_upload_a_train_py_run_without_results(tmp_path, monkeypatch):
+    """A train.py run dir (no results.json: the config comes from .hydra/config.yaml, interpolations and all)."""
+    from omegaconf import OmegaConf
+
+    from em.wandb.upload import upload
+    from tests.helpers import compose_train
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(compose_train(["seed=3"]), run / ".hydra" / "config.yaml")  # unresolved, as Hydra saves it
+    (run / "metrics.csv").write_text("step,train/loss,epoch\n0,2.0,0\n1,1.5,0\n2,1.25,0\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    done = upload(run, say=lambda s: None)
+    rid = done[str(run.resolve())]
+    assert rid == run_id(run)
+    info = wandb_offline.run_info(wandb_offline.run_files(run, rid)[-1])
+    assert info["project"] == "em" and info["group"]
+    hist = wandb_offline.history(wandb_offline.run_files(run, rid)[-1])
+    assert {int(r["trainer/global_step"]): r["train/loss"] for r in hist if "train/loss" in r} == {0: 2.0, 1: 1.5,
+                                                                                                  2: 1.25}
