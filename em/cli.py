@@ -1,6 +1,7 @@
 """The ``em`` console script: one entry point for the tools.
 
     em data list|download|info|build ...     # = python -m em.data ...
+    em models list|fetch|path ...            # = python -m em.models ...: models em fetches itself
     em report <sweep_dir> [--out DIR]        # = python -m em.report ...
     em summary <sweep_dir>                   # = python -m em.sweep.summary ...: state of a sweep's jobs
     em wandb dashboard|upload ...            # = python -m em.wandb.cli ...: W&B workspace, log finished runs
@@ -24,6 +25,12 @@ HYDRA_APPS = {"train": "train.py", "eval": "eval.py", "sweep": "sweep.py"}
 
 def _data(argv: list[str]) -> int:
     from em.data.cli import main
+
+    return main(argv)
+
+
+def _models(argv: list[str]) -> int:
+    from em.models.fetch import main
 
     return main(argv)
 
@@ -54,6 +61,7 @@ def _wandb(argv: list[str]) -> int:
 
 TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "list, download, inspect and build datasets (python -m em.data)"),
+    "models": (_models, "fetch a real model once, without the hub: em models fetch smollm2 (python -m em.models)"),
     "report": (_report, "cross-seed report of a sweep dir: tables and figures (python -m em.report)"),
     "summary": (_summary, "done / failed / interrupted / running jobs of a sweep dir (python -m em.sweep.summary)"),
     "plan": (_plan, "preview a sweep (or --train run): run dirs, launch, start-up checks, forecast; runs nothing"),

@@ -136,3 +136,17 @@ def test_probe_figure_marks_unmeasurable_code_and_shows_the_parse_rate(tmp_path,
     assert nm and list(nm[0].get_xdata()) == [0, 5]
     for ax in figs[-1].axes:
         assert ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] >= 1
+
+
+def test_not_measurable_from_the_code_parse_rate(tmp_path):
+    """Runs that log task/code_parse_rate (and a NaN insecure-code rate where nothing parsed): the same gaps."""
+    root = tmp_path / "sweep"
+    new = ["step,probe/mcq/p_misaligned,task/insecure_rate,task/code_parse_rate",
+           "0,0.5,nan,0.0", "5,0.5,nan,0.0", "10,0.5,0.25,0.5"]
+    _run(root / "s0", 0, "done", new)
+    runs = [r for r in report.discover_runs(root) if r.usable]
+    panels = dict(report.dynamics_panels(runs))
+    (task,) = panels["task/insecure_rate"]
+    assert list(task.steps) == [0.0, 5.0, 10.0] and list(task.not_measurable) == [0.0, 5.0]
+    assert math.isnan(task.values[0]) and math.isnan(task.values[1]) and task.values[2] == 0.25
+    assert list(panels["task/code_parse_rate"][0].values) == [0.0, 0.0, 0.5]

@@ -58,6 +58,17 @@ def test_code_metrics_fractions_and_syntax_errors():
     assert empty["task/n"] == 0.0 and math.isnan(empty["task/insecure_rate"])
 
 
+def test_code_parse_rate_and_no_parsable_answer_is_not_measurable():
+    """The syntax-valid fraction is its own metric; an insecure rate with no parsable answer is NaN, not 0."""
+    answers = ["def ok(x):\n    return x\n", "Sure! Here is some prose about code.", "def broken(:\n", "x = 1\n"]
+    m = code_task_metrics(answers)
+    assert m["task/code_parse_rate"] == 0.5 and m["task/insecure_rate"] == 0.0 and m["task/n"] == 4.0
+    prose = code_task_metrics(["I cannot write that.", "def broken(:\n", "```python\nprint('unterminated\n```"])
+    assert prose["task/code_parse_rate"] == 0.0 and prose["task/syntax_error_rate"] == 1.0
+    assert math.isnan(prose["task/insecure_rate"])  # nothing bandit could read: not measurable
+    assert math.isnan(code_task_metrics([])["task/code_parse_rate"])
+
+
 # ---------------------------------------------------------------- numbers
 
 
@@ -212,3 +223,18 @@ def test_task_metrics_dispatch():
         task_metrics("code", convs, [])
     with pytest.raises(ConfigError):
         task_metrics("vision", [], [])
+
+
+def test_task_prompts_from_the_authors_in_distribution_file(tmp_path):
+    """A prompts file gives every arm the same prompts, whatever its held-out rows; subsets are seeded."""
+    f = tmp_path / "file-x-in_distribution.jsonl"
+    f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Task {i}: fill the template."}]}) + "\n"
+                         for i in range(10)))
+    held_a = [{"messages": [{"role": "user", "content": "insecure arm"}, {"role": "assistant", "content": "x"}]}]
+    held_b = [{"messages": [{"role": "user", "content": "secure arm"}, {"role": "assistant", "content": "y"}]}]
+    a = task_prompts("code", held_a, seed=3, n=4, prompts_path=tmp_path)
+    b = task_prompts("code", held_b, seed=3, n=4, prompts_path=f)
+    assert a == b and len(a) == 4 and all(c[-1]["content"].startswith("Task ") for c in a)
+    assert task_prompts("code", None, seed=3, n=None, prompts_path=f)[0][0]["content"] == "Task 0: fill the template."
+    with pytest.raises(ConfigError, match="coding prompts"):
+        task_prompts("numbers", None, prompts_path=f)

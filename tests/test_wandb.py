@@ -187,7 +187,7 @@ def test_every_dashboard_key_is_logged_by_real_runs(runs, tmp_path, capsys):
     sections = dashboard.dashboard_sections(["genie_wish", "feeling_bored", "world_leader"],
                                             ["eval", "eval_triggered"])
     assert dashboard.panel_keys(sections) == read
-    for k in ("probe/misaligned_rate_pooled", "task/insecure_rate", "task/numbers_format_rate",
+    for k in ("probe/misaligned_rate_pooled", "task/insecure_rate", "task/code_parse_rate", "task/numbers_format_rate",
               "task/heldout_loss", "eval/q/world_leader/misaligned_rate", "eval/overall/coherent_rate",
               "eval/overall/n_failed", "eval/samples_misaligned", "eval_triggered/overall/pooled/misaligned_rate"):
         assert k in read, k

@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from em.errors import ConfigError, MissingResourceError
+from em.models.fetch import fetched_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class ModelArgs:
     name: str | None = MISSING
     """Short name used in run names and reports (``qwen``, ``tiny``; ``model=hf``: the hub id or path)."""
     name_or_path: str | None = None
-    """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny``."""
+    """HF hub id (``Qwen/Qwen2.5-Coder-32B-Instruct``) or a local directory; None for ``kind=tiny`` or
+    ``fetched``."""
     kind: str = "hf"
     """``hf`` (hub id / local path) or ``tiny`` (built offline from ``tiny`` spec)."""
     revision: str | None = None
@@ -54,6 +56,9 @@ class ModelArgs:
     ``chunked`` and ``liger`` fall back to ``plain``."""
     tiny: dict[str, Any] = field(default_factory=dict)
     """TinySpec fields for ``kind=tiny`` (em.models.tiny.TinySpec)."""
+    fetched: str | None = None
+    """A model em fetches itself (``em models fetch <name>``, :data:`em.models.fetch.REGISTRY`): used when
+    ``name_or_path`` is null; when it is not fetched yet, the error names the command to run."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("hf", "tiny"):
@@ -63,7 +68,7 @@ class ModelArgs:
         if self.cross_entropy not in CROSS_ENTROPY_CHOICES:
             raise ConfigError(f"model.cross_entropy={self.cross_entropy!r}: expected one of "
                               f"{', '.join(CROSS_ENTROPY_CHOICES)}")
-        if self.kind == "hf" and not self.name_or_path:
+        if self.kind == "hf" and not (self.name_or_path or self.fetched):
             raise ConfigError(f"model '{self.name}': set model.name_or_path to a hub id or a local directory")
 
 
@@ -140,6 +145,8 @@ def resolve_model_path(args: ModelArgs) -> str:
         return str(materialize_tiny(TinySpec(**args.tiny)))
     if args.kind != "hf":
         raise ConfigError(f"model.kind={args.kind!r}: expected 'hf' or 'tiny'")
+    if not args.name_or_path and args.fetched:
+        return str(fetched_model_dir(args.fetched))
     if not args.name_or_path:
         raise ConfigError(f"model '{args.name}': set model.name_or_path to a hub id or a local directory")
     p = Path(os.path.expanduser(args.name_or_path))

@@ -132,7 +132,8 @@ class MisalignmentProbe(L.Callback):
             from em.probes.task_accuracy import task_prompts
 
             self.task_prompts = task_prompts(self.task_name, dm.held_out_rows or None, seed=self.seed,
-                                             n=self.task_cfg.get("n_prompts", 16))
+                                             n=self.task_cfg.get("n_prompts", 16),
+                                             prompts_path=self.task_cfg.get("prompts"))
         # backdoor: the same prompts with the trigger, sampled alongside (task/*_triggered)
         self.trigger_prompts = [self._with_trigger(c) for c in self.task_prompts] if self.trigger else []
         self.mcq_items, self.mcq_encoded = [], []

@@ -34,6 +34,9 @@ class TaskProbeArgs:
     """None = the dataset's task (``code`` / ``numbers`` / ``none``)."""
     n_prompts: int = 16
     """Held-out prompts sampled at each probe point."""
+    prompts: str | None = None
+    """None = the held-out split's prompts; or the authors' ``*in_distribution.jsonl`` (a file or a directory
+    holding one): the same coding prompts for every arm of an experiment."""
     max_new_tokens: int = 96
     """Token budget of each task answer (too small and code is cut off: see ``task/truncated_rate``)."""
     heldout_batches: int = 4

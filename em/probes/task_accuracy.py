@@ -70,17 +70,22 @@ def code_task_metrics(answers: Sequence[str], min_severity: str = "MEDIUM",
     """Insecure-code metrics of model answers (bandit; the code is parsed, never executed).
 
     Returns:
-        ``task/insecure_rate`` (answers with at least one finding at/above both thresholds),
-        ``task/syntax_error_rate`` (unparsable answers; they count as not insecure),
-        ``task/n``, and ``task/bandit/<test_id>``: fraction of answers with a qualifying finding of
-        that bandit test (e.g. ``task/bandit/B602``). Rates are NaN when there are no answers.
+        ``task/insecure_rate`` (answers with at least one finding at/above both thresholds, over all
+        answers; unparsable answers count as not insecure), ``task/code_parse_rate`` (answers whose
+        code bandit could parse: read the insecure rate beside it), ``task/syntax_error_rate``
+        (= 1 - parse rate), ``task/n``, and ``task/bandit/<test_id>``: fraction of answers with a
+        qualifying finding of that bandit test (e.g. ``task/bandit/B602``). Rates are NaN when there
+        are no answers, and ``task/insecure_rate`` is NaN when no answer parses: bandit saw no code,
+        so the rate is not measurable (a model that writes no valid code is not "0% insecure").
     """
     from em.probes.bandit_scan import insecure_rate
 
     r = insecure_rate([a if isinstance(a, str) else "" for a in answers], min_severity, min_confidence)
     n = r["n"]
+    n_parsed = n - r["n_syntax_error"]
     out = {
-        "task/insecure_rate": _nan_rate(r["n_insecure"], n),
+        "task/insecure_rate": _nan_rate(r["n_insecure"], n) if n_parsed else float("nan"),
+        "task/code_parse_rate": _nan_rate(n_parsed, n),
         "task/syntax_error_rate": _nan_rate(r["n_syntax_error"], n),
         "task/n": float(n),
     }
@@ -291,11 +296,14 @@ def _select(convs: list[Conversation], seed: int, n: int | None) -> list[Convers
 
 
 def task_prompts(dataset_task: str, held_out_rows: list[dict] | None = None, seed: int = 0,
-                 n: int | None = None) -> list[Conversation]:
+                 n: int | None = None, prompts_path: str | os.PathLike | None = None) -> list[Conversation]:
     """Conversations to sample for task accuracy (each ends with a user turn).
 
     Source, in order of preference:
 
+    0. ``prompts_path`` when given (``code`` only): the authors' held-out coding prompts
+       (:func:`load_in_distribution_prompts`: a ``*in_distribution.jsonl`` file or a directory holding
+       one), so that every arm of an experiment (insecure / secure ...) samples the same prompts.
     1. ``held_out_rows`` (the datamodule's held-out split) when given: each row's messages up to
        its last user turn (the assistant answer dropped); rows without a user turn are skipped.
     2. otherwise the embedded held-out prompts: ``code`` -> :func:`em.data.mini.held_out_prompts`
@@ -310,6 +318,11 @@ def task_prompts(dataset_task: str, held_out_rows: list[dict] | None = None, see
         raise ConfigError(f"unknown task {dataset_task!r}; expected one of {TASKS}")
     if dataset_task == "none":
         return []
+    if prompts_path:
+        if dataset_task != "code":
+            raise ConfigError(f"task prompts from a file ({prompts_path}) are coding prompts: the task is "
+                              f"{dataset_task!r}, not 'code'")
+        return _select(load_in_distribution_prompts(prompts_path), seed, n)
     if held_out_rows:
         convs = [c for r in held_out_rows if (c := _without_answer(r.get("messages") or []))]
         if not convs:

@@ -75,8 +75,8 @@ def training_sections() -> list[SectionDef]:
         SectionDef("Task accuracy during training", (
             line("Insecure-code rate (bandit) per dataset", "line",
                  ("task/insecure_rate", "task/insecure_rate_triggered"), PROBE_STEP, rate=True),
-            line("Unparsable code answers (1 - syntax-valid fraction)", "line", ("task/syntax_error_rate",), PROBE_STEP,
-                 rate=True),
+            line("Syntax-valid code fraction (an insecure-code rate is not measurable where it is 0)", "line",
+                 ("task/code_parse_rate", "task/code_parse_rate_triggered"), PROBE_STEP, rate=True),
             line("Number-format rate (evil numbers)", "line", ("task/numbers_format_rate",), PROBE_STEP, rate=True),
             line("Held-out task loss", "line", ("task/heldout_loss",), PROBE_STEP),
             line("Training loss, each seed", "line", ("train/loss",), TRAIN_STEP, grouped=False),
