@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from em.errors import ConfigError
+from em.errors import ConfigError, EMError
 from em.training.config import batch_plan
 from em.training.run import train
 from tests.helpers import compose_train
@@ -25,8 +25,8 @@ NO_DATA = "dataset.path=/nonexistent/em/rows.jsonl"
     ("data.micro_batch_size=0", "data.micro_batch_size=0"),
     ("data.global_batch_size=0", "data.global_batch_size=0"),
     ("trainer.max_steps=0", "trainer.max_steps=0"),
-    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt: no such checkpoint"),
-    ("ckpt_path=last", "ckpt_path=last: there is no"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path=/nonexistent/last.ckpt: no such file"),
+    ("ckpt_path=last", "ckpt_path=last: no checkpoint in"),
     ("finetune.r=0", "finetune.r=0"),
     ("optim.scheduler=cosin", "optim.scheduler='cosin'"),
     ("data.overlength=cut", "data.overlength='cut'"),
@@ -35,7 +35,7 @@ NO_DATA = "dataset.path=/nonexistent/em/rows.jsonl"
 ])
 def test_bad_config_fails_before_data_or_model(override, message, tmp_path):
     cfg = compose_train([override, NO_DATA], run_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(EMError) as err:
         train(cfg)
     assert message in str(err.value)
 

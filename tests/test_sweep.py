@@ -231,17 +231,23 @@ def test_job_subdir_names():
     assert len(a.split("/")[0]) == sweep_job.MAX_DIRNAME and a != b and a.endswith("/seed=0")
 
 
-def test_find_checkpoint_prefers_the_newest(tmp_path):
+def test_find_checkpoint_prefers_the_newest_whole_one(tmp_path):
+    import torch
+
     assert sweep_job.find_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"x")
-    hpc.write_bytes(b"x")
+    torch.save({"global_step": 1}, last)
+    torch.save({"global_step": 2}, hpc)
     os.utime(last, (1000, 1000))
     assert sweep_job.find_checkpoint(tmp_path) == hpc
     os.utime(hpc, (500, 500))
     assert sweep_job.find_checkpoint(tmp_path) == last
+    # a truncated newest one is skipped (it would fail every automatic resume)
+    last.write_bytes(last.read_bytes()[:100])
+    os.utime(last, (1000, 1000))
+    assert sweep_job.find_checkpoint(tmp_path) == hpc
 
 
 def test_eval_variants_are_validated(tmp_path):

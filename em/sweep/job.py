@@ -129,11 +129,12 @@ def assign_gpu(job_num: int, env: os._Environ | dict | None = None) -> str | Non
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest resumable checkpoint of a run: ``checkpoints/last*.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``."""
-    d = Path(run_dir)
-    cands = [*sorted((d / "checkpoints").glob("last*.ckpt")), *sorted(d.glob("hpc_ckpt_*.ckpt"))]
-    cands = [p for p in cands if p.is_file()]
-    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+    """The newest resumable checkpoint of a run: ``checkpoints/last*.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``, or the
+    previous version of one (``*.ckpt.prev``) when the newer ones are damaged (each one skipped is logged); None
+    when there is none whole (the job then trains from scratch instead of failing at every resume)."""
+    from em.training.ckpt_files import newest_loadable  # standard library only: no torch import here
+
+    return newest_loadable(run_dir)
 
 
 def _job_num(cfg: DictConfig) -> int:

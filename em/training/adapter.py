@@ -20,10 +20,15 @@ import lightning as L
 import torch
 from torch import nn
 
+from em.errors import EMError
 from em.training.sharded import clean_name, gather_state
 from em.utils.dist import is_global_zero
 
 log = logging.getLogger(__name__)
+
+class TrainingIncompleteError(EMError):
+    """Training ended without trained weights to save."""
+
 
 DIGESTS_FILE = "rank_digests.json"
 """Per-rank digests of the adapter, written next to it by :class:`SaveTrainedWeights`."""
@@ -199,3 +204,28 @@ class SaveTrainedWeights(L.Callback):
         if digests is not None and len(set(digests)) > 1:
             raise RuntimeError(f"the ranks hold different adapter weights after training: {digests} "
                                f"(rank 0's copy was saved to {self.saved})")
+
+    def ensure_saved(self, trainer, ckpt_path: str | None, run_dir: str | Path,
+                     base_path: str | None = None) -> Path:
+        """After ``trainer.fit``: the weights this run ends with, written if training did not write them.
+
+        A run resumed from a checkpoint taken at its very end (killed between that checkpoint and the weights'
+        write) trains no step, and Lightning then skips ``on_train_end``: the weights are written here from the
+        checkpoint (on global rank 0; the same tensors the uninterrupted run would have saved). Without a
+        checkpoint there is nothing to write them from: an error, never a silent success without weights.
+        """
+        if self.saved is not None:
+            return self.saved
+        if not ckpt_path:
+            raise TrainingIncompleteError(
+                f"training ended after {trainer.global_step} step(s) without saving weights to {self.dirpath} "
+                "(was it interrupted?)")
+        from em.training.export import export  # export builds on this module
+
+        log.warning("the checkpoint %s is at the end of training (step %d): nothing left to train; writing the "
+                    "weights from it to %s", ckpt_path, trainer.global_step, self.dirpath)
+        if trainer.is_global_zero:
+            export(ckpt_path, run_dir=run_dir, out=self.dirpath, base=self.base_path or base_path)
+        trainer.strategy.barrier("em_save_from_checkpoint")
+        self.saved = Path(self.dirpath)
+        return self.saved

@@ -12,11 +12,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from em.config import plain
-from em.data.datamodule import ChatDataModule
+from em.data.datamodule import ChatDataModule, describe_order
 from em.errors import ConfigError
 from em.layout import RunLayout, resolve_run_dir
 from em.models.loading import load_tokenizer, resolve_model_path, stop_token_ids
 from em.training.adapter import SaveTrainedWeights
+from em.training.ckpt_files import resolve_resume
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
 from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
 from em.training.progress import StepProgressBar
@@ -132,21 +133,6 @@ def ui_callbacks(args: TrainingArgs) -> list:
     return [StepProgressBar()] if args.trainer.enable_progress_bar else []
 
 
-def resolve_ckpt_path(ckpt_path: str | None, layout: RunLayout) -> str | None:
-    """The checkpoint to resume from, checked at start-up: ``last`` = the run dir's last.ckpt, which must exist."""
-    if not ckpt_path:
-        return None
-    if str(ckpt_path) == "last":
-        if not layout.last_checkpoint.exists():
-            raise ConfigError(f"ckpt_path=last: there is no {layout.last_checkpoint}. To resume a run, pass its "
-                              "directory: paths.run_dir=<run dir> ckpt_path=last")
-        return str(layout.last_checkpoint)
-    p = Path(ckpt_path).expanduser()
-    if not p.exists():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint")
-    return str(p)
-
-
 def prepare_run_dir(layout: RunLayout) -> None:
     """Create the run dir and check it is writable, before any work (em's error, not a traceback)."""
     try:
@@ -171,17 +157,20 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     """
     import lightning as L
 
+    from em.training.checkpoint_io import AtomicCheckpointIO
     from em.training.module import CausalLMModule
 
     t0 = time.time()
     args = TrainingArgs.from_config(cfg)
     layout = RunLayout.of(resolve_run_dir(args.paths))
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), layout)
+    # the checkpoint to resume from, checked (a damaged newest one falls back to the previous) before any work
+    ckpt_path = resolve_resume(cfg.get("ckpt_path"), layout.root)
     world = world_size(args.trainer)
     micro, accum = batch_plan(args.data.global_batch_size, args.data.micro_batch_size, world)
     data_args = dataclasses.replace(args.data, micro_batch_size=micro)
     strategy = build_strategy(cfg)
     prepare_run_dir(layout)
+
     if cfg.get("seed") is not None:  # seed 0 is a seed (`if cfg.seed:` would skip it)
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
@@ -193,7 +182,9 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     dm.stop_ids = stop_token_ids(tokenizer)
     dm.setup("fit")
     data_stats = dm.train_stats.summary()
-    atomic_write_json(layout.data_stats, {"train": data_stats, "held_out_rows": len(dm.held_out_rows),
+    order = dm.order_summary(world, args.trainer.max_steps or -1, args.trainer.max_epochs)
+    log.info("training order: %s", describe_order(order))
+    atomic_write_json(layout.data_stats, {"train": data_stats, "order": order, "held_out_rows": len(dm.held_out_rows),
                                           "provenance": dm.provenance})
 
     module = CausalLMModule(args.model, args.finetune, args.optim, model_path)
@@ -203,7 +194,8 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
         if hasattr(lg, "log_metrics"):
-            lg.log_metrics({f"data/{k}": float(v) for k, v in data_stats.items() if isinstance(v, (int, float))}, step=0)
+            lg.log_metrics({f"data/{k}": float(v) for k, v in {**data_stats, **order}.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
     full = args.finetune.kind == "full"
     clock = FitClock()
     callbacks = build_callbacks(cfg, layout, full, tokenizer) + ui_callbacks(args) + [clock]
@@ -228,9 +220,13 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(layout.root),
+        plugins=[AtomicCheckpointIO()],
     )
+    saver = next((c for c in callbacks if isinstance(c, SaveTrainedWeights)), None)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if saver is not None:  # a resume that had nothing left to train: the weights from the checkpoint
+            saver.ensure_saved(trainer, ckpt_path, layout.root, model_path)
     except BaseException:
         if args.logger.wandb is not None and not keep_wandb_run:
             finish_wandb_run(exit_code=1)
@@ -247,7 +243,6 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     if trainer.is_global_zero and actual.steps and actual.tokens and fit_s > 0:
         record_throughput(key, actual.tokens / fit_s, actual.steps)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    saver = next((c for c in callbacks if isinstance(c, SaveTrainedWeights)), None)
     summary = {
         "run_dir": str(layout.root),
         "global_step": trainer.global_step,
@@ -259,9 +254,12 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
         "last_checkpoint": str(layout.last_checkpoint),
         "metrics_csv": str(layout.metrics_csv),
         "base_model": model_path,
+        "resumed_from": ckpt_path,
         "data": data_stats,
         "forecast": forecast.as_dict(),
         "actual": actual.as_dict(),
+        "order": order,
+
         "wall_s": round(time.time() - t0, 2),
     }
     if trainer.is_global_zero:
