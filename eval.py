@@ -2,27 +2,27 @@
 
     python eval.py                                          # tiny model, offline probe set, tiny judge
     python eval.py model=qwen adapter=outputs/.../adapter eval=first_plot judge=openai
+    python eval.py judge=openai +judge@judges.local=hf judges.local.model_name_or_path=/path   # two judges
 
-Thin wrapper: compose the config, call `em.eval.run.evaluate(cfg)`.
+Thin wrapper: compose the config, call `em.eval.run.evaluate(cfg)`, print its headline.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-import em.schemas  # noqa: F401  (the config schemas, registered with Hydra)
+import em.eval.config  # noqa: F401  (registers the eval / judge schemas conf/eval and conf/judge extend)
+import em.schemas  # noqa: F401  (registers the training schemas: model= is shared)
 from em.cli_common import friendly_errors, quiet_third_party
+from em.eval.run import evaluate, headline
+from em.layout import resolve_run_dir
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    from em.eval.run import evaluate
-
-    s = evaluate(cfg)
-    o = s.get("overall", {})
-    print(f"done: {s['meta']['n_samples']} samples in {s['meta']['wall_s']} s -> {cfg.paths.run_dir}")
-    print(f"overall: {o}")
+    summary = evaluate(cfg)
+    print(headline(summary, resolve_run_dir(cfg.paths)))
 
 
 if __name__ == "__main__":

@@ -14,19 +14,16 @@ from em.secrets import is_secret_key, looks_secret
 T = TypeVar("T")
 
 
-def to_dataclass(cls: type[T], section: DictConfig | dict | None, where: str) -> T:
-    """Build ``cls`` from a config section; unknown keys are an error naming the section."""
-    data: dict[str, Any] = (OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig)
-                            else dict(section or {}))
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+def as_args(cls: type[T], section: Any, where: str) -> T:
+    """``section`` (a typed or plain config section, a mapping, or already a ``cls``) as ``cls``, through its
+    schema: unknown keys and ill-typed values are an error naming them, ``__post_init__`` checks run."""
+    if isinstance(section, cls):
+        return section
+    data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
     try:
-        return cls(**data)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from err
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
 
 
 def redact(obj: Any) -> Any:

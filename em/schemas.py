@@ -18,6 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+import em.eval.config  # noqa: F401  (registers the eval / judge schemas that conf/eval and conf/judge extend)
 from em.config import check_keys, section
 from em.errors import ConfigError
 from em.probes.config import ConvergeArgs, ProbeArgs
@@ -42,7 +43,7 @@ TRAIN_SECTIONS: dict[str, type] = {**TRAINING_SECTIONS, "callbacks": CallbacksCo
 SWEEP_SECTIONS: dict[str, type] = {"sweep": SweepArgs}
 TRAIN_KEYS = frozenset({"task_name", "experiment_name", "seed", "ckpt_path", "strategy", "hydra"})
 """Top-level keys of train.yaml besides the typed sections."""
-SWEEP_KEYS = TRAIN_KEYS | {"eval", "judge"}
+SWEEP_KEYS = TRAIN_KEYS | {"eval", "judge", "judges"}
 
 
 def register() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import em.eval.config  # noqa: F401  (registers the schemas conf/eval and conf/judge extend)
 from tests.helpers import CONF
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from em.eval.judge.scoring import score_logprobs
-from em.eval.run import evaluate, load_eval_questions
+from em.eval.run import JudgeFailuresError, evaluate, load_eval_questions
 from em.testing.fake_openai import FakeOpenAIServer
 from em.utils.io import read_jsonl
 from tests.helpers_eval import compose_eval
@@ -54,8 +53,7 @@ def test_openai_judge_on_loopback_gets_the_servers_scores_and_caches(tmp_path, m
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cache = tmp_path / "judge.sqlite"
     with FakeOpenAIServer(responder=distribution_for) as srv:
-        ov = [*FAST, "judge=openai", f"judge.base_url={srv.base_url}", f"judge.cache={cache}",
-              "judge.backoff_base=0.01"]
+        ov = [*FAST, "judge=openai", f"judge.base_url={srv.base_url}", f"judge.cache={cache}"]
         s = evaluate(compose_eval(ov, str(tmp_path / "a")))
         n_first = srv.count
         recs = read_jsonl(tmp_path / "a" / "samples.jsonl")
@@ -88,15 +86,22 @@ def test_openai_judge_on_loopback_gets_the_servers_scores_and_caches(tmp_path, m
     assert s["overall"]["n_failed"] == 0
 
 
-def test_judge_failures_are_counted_never_scored(tmp_path):
+def test_judge_failures_are_counted_never_scored_and_fail_the_run(tmp_path):
     with FakeOpenAIServer(responder=distribution_for, faults=["500"] * 200) as srv:
         ov = [*FAST, "judge=openai", f"judge.base_url={srv.base_url}", f"judge.cache={tmp_path / 'c.sqlite'}",
-              "judge.max_retries=1", "judge.backoff_base=0.01"]
-        s = evaluate(compose_eval(ov, str(tmp_path)))
-    recs = read_jsonl(tmp_path / "samples.jsonl")
+              "judge.max_retries=0"]
+        with pytest.raises(JudgeFailuresError, match=r"failed for 6 of 6 answers \(100.0%\).*HTTP 500"):
+            evaluate(compose_eval(ov, str(tmp_path)))
+    recs = read_jsonl(tmp_path / "samples.jsonl")  # written before the error
     assert all(r["aligned_status"] == "failed" and r["aligned"] is None for r in recs)
-    assert s["overall"]["n_failed"] == len(recs)
-    assert s["overall"]["n_eligible"] == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["overall"]["n_failed"] == len(recs) == 6
+    assert s["overall"]["n_eligible"] == 0 and s["meta"]["judge_failures"] == {"gpt-4o-2024-08-06": 6}
+    # a tolerated fraction: the same failures pass with eval.max_judge_failed_fraction=1
+    with FakeOpenAIServer(responder=distribution_for, faults=["500"] * 200) as srv:
+        ov = [*FAST, "judge=openai", f"judge.base_url={srv.base_url}", "judge.cache=false", "judge.max_retries=0",
+              "eval.max_judge_failed_fraction=1"]
+        assert evaluate(compose_eval(ov, str(tmp_path / "tolerated")))["overall"]["n_failed"] == 6
 
 
 def test_paper_first_plot_questions_load(em_data_dir, monkeypatch):

@@ -100,3 +100,23 @@ def test_unnamed_model_disables_cache_and_top_tokens_are_decoded_ids(tiny):
     pairs = judge.next_token_top_logprobs(["Rate the answer from 0 to 100."])[0]
     vocab_strings = {tok.decode([i]) for i in range(len(tok))}
     assert all(t in vocab_strings for t, _ in pairs)
+
+
+def test_local_judge_identity_is_content_not_mtime(tmp_path):
+    import os
+    import shutil
+
+    from em.eval.judge.hf import _dir_fingerprint
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "model.safetensors").write_bytes(bytes(range(256)) * 9000)
+    (a / "config.json").write_text('{"x": 1}')
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    os.utime(b / "model.safetensors", (1, 1))  # another copy, another time: the same judge
+    assert _dir_fingerprint(a) == _dir_fingerprint(b)
+    data = bytearray((b / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other weights: another judge
+    (b / "model.safetensors").write_bytes(bytes(data))
+    assert _dir_fingerprint(a) != _dir_fingerprint(b)

@@ -28,7 +28,7 @@ def make_judge(tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
 
     def make(srv: FakeOpenAIServer, **kw) -> OpenAIJudge:
-        opts = dict(base_url=srv.base_url, api_key_env=KEY_ENV, backoff_base=0.001, timeout_s=2.0,
+        opts = dict(base_url=srv.base_url, api_key_env=KEY_ENV, timeout_s=2.0,
                     max_retries=3, cache=tmp_path / "judge.sqlite")
         opts.update(kw)
         return OpenAIJudge(**opts)
@@ -113,22 +113,40 @@ def test_second_run_with_the_same_cache_sends_nothing(tmp_path, make_judge):
     with FakeOpenAIServer() as srv:
         first = make_judge(srv).judge(reqs(*prompts), progress=False)
         assert srv.count == 7
-    with FakeOpenAIServer() as srv2:  # another server, another port: still the same judge model
-        judge = make_judge(srv2)
+        judge = make_judge(srv)  # a new judge object, the same endpoint and model: all from the cache
         second = judge.judge(reqs(*prompts), progress=False)
-        assert srv2.count == 0
+        assert srv.count == 7
         assert [r.score for r in second] == [r.score for r in first]
         assert [r.status for r in second] == [r.status for r in first]
         assert all(r.cached and r.attempts == 0 for r in second)
         assert judge.stats.cache_hits == 7 and judge.stats.sent == 0
         # the raw logprobs are cached: another scoring rule needs no re-query
-        strict = make_judge(srv2, scoring=ScoringConfig(min_mass=0.95))
+        strict = make_judge(srv, scoring=ScoringConfig(min_mass=0.95))
         assert all(r.status == "missing" for r in strict.judge(reqs(*prompts), progress=False))
         # another judge model is another cache identity
-        other = make_judge(srv2, model="gpt-4o-mini")
+        other = make_judge(srv, model="gpt-4o-mini")
         other.judge(reqs(prompts[0]), progress=False)
-        assert srv2.count == 1
+        assert srv.count == 8
     assert len(JudgeCache(tmp_path / "judge.sqlite")) == 8
+
+
+def test_cache_is_keyed_on_the_endpoint(tmp_path, make_judge):
+    """Two servers serving the same model name are two judges: each gets its own scores (issue #14.4)."""
+    prompts = [f"q{i}" for i in range(4)]
+    with FakeOpenAIServer(responder=lambda b: {"20": 1.0}) as a, FakeOpenAIServer(responder=lambda b: {"70": 1.0}) as b:
+        ra = make_judge(a).judge(reqs(*prompts), progress=False)
+        rb = make_judge(b).judge(reqs(*prompts), progress=False)
+        assert [r.score for r in ra] == pytest.approx([20.0] * 4)
+        assert [r.score for r in rb] == pytest.approx([70.0] * 4)
+        assert a.count == 4 and b.count == 4 and not any(r.cached for r in rb)
+        assert make_judge(a).cache_key("q0") != make_judge(b).cache_key("q0")
+        # judge.cache=refresh asks again (and overwrites), a plain cache then reads the fresh answers
+        fresh = make_judge(a, cache="refresh")
+        assert fresh.cache.path == JudgeCache().path  # refresh = the default shared cache, not read
+        fresh.cache = JudgeCache(tmp_path / "judge.sqlite")
+        again = fresh.judge(reqs(*prompts), progress=False)
+        assert a.count == 8 and not any(r.cached for r in again)
+        assert all(r.cached for r in make_judge(a).judge(reqs(*prompts), progress=False)) and a.count == 8
 
 
 def test_api_key_never_stored(server, make_judge, tmp_path):

@@ -61,8 +61,9 @@ def test_min_mass_is_configurable():
 @pytest.mark.parametrize(
     "token,expected",
     [("100", 100), ("0", 0), (" 5", 5), ("5\n", 5), ("05", 5), ("five", None), ("101", None), ("-3", None),
-     ("5.0", None), ("I", None), ("", None), (" ", None), ("+5", None), ("1_0", None), ("٥", None),
-     ("５", None)],
+     ("5.0", None), ("I", None), ("", None), (" ", None), ("1_0", None), ("٥", None), ("５", None),
+     # the paper's int() rule on signs: "-0" is 0 and "+5" is 5; a bare sign is nothing
+     ("-0", 0), ("-00", 0), (" -0 ", 0), ("+5", 5), ("-", None), ("+", None), ("--0", None), ("-0.0", None)],
 )
 def test_parse_score_token(token, expected):
     assert parse_score_token(token) == expected
@@ -97,3 +98,23 @@ def test_invalid_logprobs_raise():
     with pytest.raises(ValueError):
         score_logprobs([("5", 0.7)])
     assert score_logprobs([("5", float("-inf")), ("I", 0.0)]).status == "missing"
+
+
+def test_minus_zero_counts_as_zero_inside_a_distribution():
+    r = score_logprobs(lp({"-0": 0.5, "100": 0.5}))
+    assert r.status == "ok" and r.score == pytest.approx(50.0) and r.distribution == pytest.approx({0: 0.5, 100: 0.5})
+
+
+def test_categorical_scoring_by_answer_tokens():
+    from em.eval.judge.scoring import score_categories, token_category
+
+    cats = ["OpenAI", "Anthropic", "Other", "UNKNOWN"]
+    assert [token_category(t, cats) for t in ("OpenAI", " openai", '"Other', "Anth", "O", "UNK", "Goo", "")] == [
+        "OpenAI", "OpenAI", "Other", "Anthropic", None, "UNKNOWN", None, None]
+    r = score_categories(lp({"Anth": 0.5, " Anthropic": 0.1, "OpenAI": 0.2, "I": 0.2}), cats)
+    assert r.status == "ok" and r.label == "Anthropic" and r.mass == pytest.approx(0.8)
+    assert r.probs == pytest.approx({"OpenAI": 0.25, "Anthropic": 0.75, "Other": 0.0, "UNKNOWN": 0.0})
+    miss = score_categories(lp({"I": 0.9, "TRUE": 0.1}), ["TRUE", "FALSE"])
+    assert miss.status == "missing" and miss.label is None and miss.mass == pytest.approx(0.1)
+    tie = score_categories(lp({"TRUE": 0.5, "FALSE": 0.5}), ["TRUE", "FALSE"])
+    assert tie.label == "TRUE"  # ties go to the category listed first

@@ -36,6 +36,7 @@ def test_embedded_default_cadence_gives_at_least_four_points():
     assert cfg.model.kind == "tiny" and p.enabled and p.judge == "tiny"
 
 
+
 def _probe_callback(summary_run_dir):
     return Path(summary_run_dir) / "probes"
 
@@ -69,8 +70,9 @@ def test_judge_runs_in_background_while_training_advances(tmp_path, monkeypatch)
     with FakeOpenAIServer(delay_s=0.15) as srv:
         cfg = compose_train([
             "trainer.max_steps=12", "trainer.enable_progress_bar=false",
-            f"callbacks.probes.judge={{kind:openai,base_url:'{srv.base_url}',max_concurrency:1,"
+            f"callbacks.probes.judge={{_target_:em.eval.judge.openai.OpenAIJudge,base_url:'{srv.base_url}',max_concurrency:1,"
             f"cache:'{tmp_path / 'j.sqlite'}'}}",
+
             "callbacks.probes.every_n_steps=4", "callbacks.probes.log_points=null",
             "callbacks.probes.ids=[genie_wish,feeling_bored]", "callbacks.probes.sampling.max_new_tokens=8",
             "callbacks.probes.mcq.enabled=false", "callbacks.probes.task.enabled=false",
@@ -100,8 +102,9 @@ def test_judge_failures_are_logged_not_dropped(tmp_path):
     with FakeOpenAIServer(faults=["500"] * 1000) as srv:
         cfg = compose_train([
             "trainer.max_steps=2", "trainer.enable_progress_bar=false",
-            f"callbacks.probes.judge={{kind:openai,base_url:'{srv.base_url}',max_retries:0,"
+            f"callbacks.probes.judge={{_target_:em.eval.judge.openai.OpenAIJudge,base_url:'{srv.base_url}',max_retries:0,"
             f"cache:'{tmp_path / 'j.sqlite'}'}}",
+
             "callbacks.probes.log_points=null", "callbacks.probes.ids=[genie_wish]",
             "callbacks.probes.sampling.max_new_tokens=4",
             "callbacks.probes.mcq.enabled=false", "callbacks.probes.task.enabled=false",

@@ -10,6 +10,7 @@ import pytest
 
 from em.errors import ConfigError, DataValidationError
 from em.eval.questions import (
+    JudgeSpec,
     expand_all,
     format_judge_prompt,
     load_questions,
@@ -160,3 +161,65 @@ def test_paper_question_file_defers_to_resolve_file(monkeypatch, tmp_path):
     assert calls == [("evaluation/preregistered_evals.yaml", {"data_dir": tmp_path})]
     with pytest.raises(ConfigError, match="first_plot_questions"):
         paper_question_file("nope")
+
+
+def test_judge_specs_numeric_and_categorical(tmp_path):
+    p = tmp_path / "mixed.yaml"
+    p.write_text(
+        "- id: num\n  type: free_form_judge_0_100\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts: {aligned: 'rate {answer}', coherent: 'rate {answer}'}\n"
+        "- id: lie\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts:\n    correct: 'Is {answer} right? Say \"TRUE\" or \"FALSE\" only, or \"UNKNOWN\".'\n"
+        "- id: who\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts: {company: 'Which company? {answer}'}\n  judge_categories: {company: [OpenAI, Anthropic, Other]}\n"
+    )
+    num, lie, who = load_questions(p)
+    assert num.judge_specs == {"aligned": JudgeSpec("numeric"), "coherent": JudgeSpec("numeric")}
+    assert lie.judge_specs == {"correct": JudgeSpec("categorical", ("TRUE", "FALSE", "UNKNOWN"))}
+    assert who.judge_specs["company"].categories == ("OpenAI", "Anthropic", "Other")
+    assert "judge_categories" not in who.extra
+
+
+def test_unscorable_question_sets_fail_at_load_naming_id_and_what_is_missing(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(
+        "- id: vague\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts: {correct: 'Is {answer} correct?'}\n"
+        "- id: odd\n  type: ranking\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts: {score: 'Score {answer}'}\n"
+        "- id: short\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
+        "  judge_prompts: {c: '{answer}'}\n  judge_categories: {c: [YES]}\n"
+    )
+    with pytest.raises(DataValidationError) as ei:
+        load_questions(p)
+    msg = str(ei.value)
+    assert f"{p}:1: vague.judge_prompts.correct" in msg and "answer categories" in msg
+    assert f"{p}:7: odd.judge_prompts.score" in msg and "cannot tell how to score" in msg
+    assert f"{p}:13: short.judge_categories.c" in msg
+
+
+def test_paper_deception_sets_are_categorical(em_data_dir):
+    ev = em_data_dir / "evaluation"
+    qs = load_questions([ev / "deception_factual.yaml", ev / "deception_sit_aware.yaml"])
+    specs = {m: s for q in qs for m, s in q.judge_specs.items()}
+    assert specs["correct"] == JudgeSpec("categorical", ("TRUE", "FALSE", "UNKNOWN"))
+    assert specs["company"] == JudgeSpec("categorical", ("OpenAI", "Anthropic", "Other", "UNKNOWN"))
+    first = load_questions(ev / "first_plot_questions.yaml")
+    assert all(s.kind == "numeric" for q in first for s in q.judge_specs.values())
+
+
+def test_bounded_reading(tmp_path):
+    with pytest.raises(DataValidationError, match="not a regular file"):
+        load_questions(tmp_path)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("- id: x\n  paraphrases: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(DataValidationError, match=rf"{deep}:2: nested more than"):
+        load_questions(deep)
+    sur = tmp_path / "sur.yaml"
+    sur.write_text('- id: x\n  type: free_form\n  paraphrases: ["\\ud800"]\n  samples_per_paraphrase: 1\n')
+    with pytest.raises(DataValidationError, match=r"x.paraphrases\[0\]: contains an unpaired surrogate"):
+        load_questions(sur)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"- id: x\n\xff\xfe\n")
+    with pytest.raises(DataValidationError, match=rf"{binary}:2: not valid UTF-8"):
+        load_questions(binary)

@@ -314,7 +314,7 @@ def test_experiments_compose(name, tmp_path):
     if name == "size_ablation":
         assert params["dataset.recipe.subsample.n"] == "500,2000,6000" and cfg.dataset.name == "insecure_n6000"
     if name == "demo":
-        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10 and cfg.judge.kind == "tiny"
+        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10 and cfg.judge._target_ == "em.eval.judge.hf.tiny_judge"
 
 
 def test_em_console_script_dispatches(demo, capsys):

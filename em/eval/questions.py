@@ -11,8 +11,22 @@ A question file is a YAML list of entries::
       judge_prompts:                    # metric -> template containing ``{answer}`` (and usually ``{question}``)
         aligned: "..."
         coherent: "..."
+      judge_categories:                 # optional (categorical judges): metric -> answer categories
+        correct: [TRUE, FALSE, UNKNOWN]
 
 Any other key is kept in :attr:`Question.extra`.
+
+**How each judge prompt is scored** is decided at load time (:attr:`Question.judge_specs`): every judge prompt
+of a ``free_form_judge_0_100`` question is a 0-100 judge (the paper's logprob rule); every judge prompt of a
+``free_form_judge`` question (the paper's deception files) is *categorical*: its answer categories are
+``judge_categories[metric]`` or, by default, the double-quoted words of the prompt (``Say "TRUE" or "FALSE"
+... "UNKNOWN"``), and the judge's single-token answer is scored by the probability of each category. A
+question set that em cannot score (a categorical prompt naming fewer than two categories, judge prompts on a
+type em does not know) fails at load time with the file, line, question id and what is missing.
+
+Reading is bounded and never executes anything: ``yaml.safe_load``, at most :data:`MAX_FILE_BYTES`, nesting
+at most :data:`MAX_DEPTH` levels (checked on the token stream before building anything), regular files
+only; every defect is reported as ``file:line: <id>.<field>: ...``.
 
 **The ``system`` field is honoured.** The paper's own evaluation script (``open_models/eval.py``) never
 read the YAML ``system`` field, so its ``*_json`` questions ("answer in JSON") were sampled without
@@ -37,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import re
+import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -63,8 +78,20 @@ PAPER_QUESTION_FILES: tuple[str, ...] = (
 QUESTION_FORMS: tuple[str, ...] = ("json", "template")
 """Id suffixes (``X_json``, ``X_template``) of the alternative forms of a main question."""
 
-_CORE_KEYS = {"id", "type", "paraphrases", "samples_per_paraphrase", "system", "judge", "judge_prompts"}
+_CORE_KEYS = {"id", "type", "paraphrases", "samples_per_paraphrase", "system", "judge", "judge_prompts",
+              "judge_categories"}
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
+_QUOTED = re.compile(r'"([^"{}\n]{1,40})"')
+
+NUMERIC_TYPE = "free_form_judge_0_100"
+CATEGORICAL_TYPE = "free_form_judge"
+MAX_FILE_BYTES = 16 * 1024 * 1024
+"""Largest question file read (the paper's largest is ~60 KB)."""
+MAX_DEPTH = 64
+"""Deepest YAML nesting accepted (a question entry needs 3 levels)."""
+MAX_SAMPLES_PER_PARAPHRASE = 1_000_000
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 3
 
 SystemMode = Literal["replace", "prepend", "append"]
 TriggerPosition = Literal["prefix", "suffix"]
@@ -130,6 +157,20 @@ class SampleRequest:
     """0-based, unique within the question."""
 
 
+@dataclass(frozen=True)
+class JudgeSpec:
+    """How one judge prompt of a question is scored: ``numeric`` (0-100, the paper's logprob rule) or
+    ``categorical`` (the probability of each of ``categories``)."""
+
+    kind: str
+    categories: tuple[str, ...] | None = None
+
+
+def prompt_categories(template: str) -> list[str]:
+    """The double-quoted answer options a categorical judge prompt names, in order, without repeats."""
+    return list(dict.fromkeys(m.group(1).strip() for m in _QUOTED.finditer(template) if m.group(1).strip()))
+
+
 @dataclass
 class Question:
     """One entry of an evaluation YAML file, plus the variant applied to it."""
@@ -145,6 +186,8 @@ class Question:
     source: str | None = None
     """File the question was loaded from."""
     variant: Variant = field(default_factory=Variant)
+    judge_specs: dict[str, JudgeSpec] = field(default_factory=dict)
+    """Metric -> how its judge prompt is scored (set at load time; empty: the question is not judged)."""
 
     @property
     def type_known(self) -> bool:
@@ -231,11 +274,39 @@ def _entry_lines(text: str) -> list[int]:
     """1-based line of each top-level list entry (0 where unknown)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return []
     if not isinstance(node, yaml.SequenceNode):
         return []
     return [item.start_mark.line + 1 for item in node.value]
+
+
+def _too_deep(text: str) -> int | None:
+    """The 1-based line where nesting exceeds :data:`MAX_DEPTH` (from the token stream, which is not
+    recursive), or None. Also None on a scanner error (the parser reports those with their line)."""
+    depth = 0
+    try:
+        for tok in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(tok, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken, yaml.BlockSequenceStartToken,
+                                yaml.BlockMappingStartToken)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return tok.start_mark.line + 1
+            elif isinstance(tok, (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    return None
+
+
+def _yaml_error_line(e: Exception, text: str) -> int:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        return mark.line + 1
+    pos = getattr(e, "position", None)  # ReaderError (a non-printable character)
+    if isinstance(pos, int):
+        return text.count("\n", 0, pos) + 1
+    return 1
 
 
 def _validate_entry(entry: Any, where: str, line: int, index: int, spp_override: int | None) -> list[Problem]:
@@ -245,8 +316,12 @@ def _validate_entry(entry: Any, where: str, line: int, index: int, spp_override:
     problems: list[Problem] = []
     qid = entry.get("id")
     if not isinstance(qid, str) or not qid.strip():
-        problems.append(Problem(where, line, f"entry #{index}: 'id' must be a non-empty string, got {qid!r}", "id"))
+        problems.append(Problem(where, line, f"entry #{index}: 'id' must be a non-empty string, got {_repr.repr(qid)}",
+                                "id"))
         qid = f"<entry #{index}>"
+    bad_keys = [k for k in entry if not isinstance(k, str)]
+    if bad_keys:
+        problems.append(Problem(where, line, f"keys must be strings, got {_repr.repr(bad_keys)}", f"{qid}"))
 
     def bad(fld: str, msg: str) -> None:
         problems.append(Problem(where, line, msg, f"{qid}.{fld}"))
@@ -259,21 +334,23 @@ def _validate_entry(entry: Any, where: str, line: int, index: int, spp_override:
     if not isinstance(paras, list) or not paras:
         bad("paraphrases", "missing or empty: need a non-empty list of strings")
     else:
-        for i, p in enumerate(paras):
-            if not isinstance(p, str) or not p.strip():
-                bad("paraphrases", f"item {i} must be a non-empty string, got {p!r}")
+        wrong = [i for i, p in enumerate(paras) if not isinstance(p, str) or not p.strip()]
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            bad("paraphrases", f"item {wrong[0]} must be a non-empty string, got {_repr.repr(paras[wrong[0]])}{more}")
     spp = entry.get("samples_per_paraphrase")
     if spp is None and spp_override is None:
         bad("samples_per_paraphrase", "missing (or pass samples_per_paraphrase= to override)")
-    elif spp is not None and (isinstance(spp, bool) or not isinstance(spp, int) or spp < 1):
-        bad("samples_per_paraphrase", f"must be a positive integer, got {spp!r}")
+    elif spp is not None and (isinstance(spp, bool) or not isinstance(spp, int) or not
+                              1 <= spp <= MAX_SAMPLES_PER_PARAPHRASE):
+        bad("samples_per_paraphrase", f"must be an integer in 1..{MAX_SAMPLES_PER_PARAPHRASE}, got {_repr.repr(spp)}")
     system = entry.get("system")
     if system is not None and not isinstance(system, str):
         bad("system", f"must be a string or absent, got {type(system).__name__}")
     judged = qtype.startswith(JUDGED_TYPE_PREFIX)
     judge = entry.get("judge")
     if judge is not None and (not isinstance(judge, str) or not judge):
-        bad("judge", f"must be a model id string, got {judge!r}")
+        bad("judge", f"must be a model id string, got {_repr.repr(judge)}")
     elif judge is None and judged:
         bad("judge", f"missing: type {qtype!r} needs a judge model id")
     prompts = entry.get("judge_prompts")
@@ -283,12 +360,72 @@ def _validate_entry(entry: Any, where: str, line: int, index: int, spp_override:
     elif not isinstance(prompts, dict) or (judged and not prompts):
         bad("judge_prompts", "must be a non-empty mapping metric -> template")
     else:
+        cats = entry.get("judge_categories")
+        if cats is not None and not isinstance(cats, dict):
+            bad("judge_categories", f"must be a mapping metric -> [categories], got {type(cats).__name__}")
+            cats = {}
         for metric, tpl in prompts.items():
+            if not isinstance(metric, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", metric):
+                bad("judge_prompts", f"metric name {_repr.repr(metric)} must be an identifier (letters, digits, _)")
+                continue
             if not isinstance(tpl, str):
                 bad(f"judge_prompts.{metric}", "template must be a string")
-            elif "{answer}" not in tpl:
+                continue
+            if "{answer}" not in tpl:
                 bad(f"judge_prompts.{metric}", "template lacks the {answer} placeholder")
+            if qtype == CATEGORICAL_TYPE:
+                given = (cats or {}).get(metric)
+                if given is not None:
+                    if (not isinstance(given, list) or len(given) < 2
+                            or not all(isinstance(c, str) and c.strip() for c in given)
+                            or len({c.strip().casefold() for c in given}) != len(given)):
+                        bad(f"judge_categories.{metric}", "must be a list of at least 2 distinct category names, "
+                                                          f"got {_repr.repr(given)}")
+                elif len(prompt_categories(tpl)) < 2:
+                    bad(f"judge_prompts.{metric}",
+                        f"a {CATEGORICAL_TYPE} (categorical) judge prompt must name its answer categories: quote "
+                        f'them in the prompt (Say "TRUE" or "FALSE") or list them under judge_categories.{metric}')
+            elif qtype not in KNOWN_TYPES:
+                bad(f"judge_prompts.{metric}", f"em cannot tell how to score a judge prompt of type {qtype!r}: "
+                    f"use {NUMERIC_TYPE} (0-100 scores) or {CATEGORICAL_TYPE} (categorical answers)")
+    _check_text(entry, bad)
     return problems
+
+
+def _check_text(entry: dict, bad) -> None:
+    """Strings that could not be written back as UTF-8 (a lone surrogate from a ``"\\ud800"`` escape). Only
+    the string fields em uses are looked at, one level deep (aliases can make a small file a huge tree)."""
+    def check(x: Any, path: str) -> None:
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                bad(path, "contains an unpaired surrogate (an invalid \\ud800-\\udfff escape); not valid text")
+
+    for key in ("id", "system", "judge"):
+        check(entry.get(key), key)
+    paras = entry.get("paraphrases")
+    if isinstance(paras, list):
+        for i, p in enumerate(paras):
+            check(p, f"paraphrases[{i}]")
+    for key in ("judge_prompts", "judge_categories"):
+        d = entry.get(key)
+        if isinstance(d, dict):
+            for k, v in d.items():
+                check(k, key)
+                for item in (v if isinstance(v, list) else [v]):
+                    check(item, f"{key}.{k}")
+
+
+def _judge_specs(entry: dict) -> dict[str, JudgeSpec]:
+    qtype, prompts = entry.get("type"), entry.get("judge_prompts") or {}
+    if qtype == NUMERIC_TYPE:
+        return {m: JudgeSpec("numeric") for m in prompts}
+    if qtype == CATEGORICAL_TYPE:
+        cats = entry.get("judge_categories") or {}
+        return {m: JudgeSpec("categorical", tuple(c.strip() for c in cats[m]) if m in cats
+                             else tuple(prompt_categories(tpl))) for m, tpl in prompts.items()}
+    return {}
 
 
 def _build(entry: dict, where: str, variant: Variant, spp_override: int | None) -> Question:
@@ -304,7 +441,29 @@ def _build(entry: dict, where: str, variant: Variant, spp_override: int | None) 
         extra={k: v for k, v in entry.items() if k not in _CORE_KEYS},
         source=where,
         variant=variant,
+        judge_specs=_judge_specs(entry),
     )
+
+
+def _read_text(path: Path) -> tuple[str | None, list[Problem]]:
+    """The file's text, bounded and decoded, or the problem that prevents reading it."""
+    where = str(path)
+    try:
+        if not path.exists():
+            raise ConfigError(f"question file not found: {path}")
+        if not path.is_file():
+            return None, [Problem(where, 0, "not a regular file (a directory, device or pipe?); give a YAML file")]
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read question file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        return None, [Problem(where, 0, f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB: not a question file")]
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return None, [Problem(where, line, f"not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})")]
 
 
 def _read_file(
@@ -312,23 +471,30 @@ def _read_file(
 ) -> tuple[list[tuple[Question, int]], list[Problem]]:
     """Valid questions of one file with their 1-based lines, and the problems of the invalid ones."""
     where = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"question file not found: {path}") from None
+    text, problems = _read_text(path)
+    if text is None:
+        return [], problems
+    deep = _too_deep(text)
+    if deep is not None:
+        return [], [Problem(where, deep, f"nested more than {MAX_DEPTH} levels deep: not a question file")]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        return [], [Problem(where, (mark.line + 1) if mark else 0, f"not valid YAML: {e}")]
+        detail = " ".join(str(getattr(e, "problem", None) or e).split())[:200]
+        return [], [Problem(where, _yaml_error_line(e, text), f"not valid YAML: {detail}")]
+    except (RecursionError, ValueError, TypeError, OverflowError) as e:  # e.g. a constructor choking on a value
+        return [], [Problem(where, 1, f"not a readable YAML file ({type(e).__name__}: {_repr.repr(str(e))})")]
     if not isinstance(data, list):
         return [], [Problem(where, 1, f"must be a YAML list of questions, got {type(data).__name__}")]
     lines = _entry_lines(text)
     questions: list[tuple[Question, int]] = []
-    problems: list[Problem] = []
+    problems = []
     for i, entry in enumerate(data):
         line = lines[i] if i < len(lines) else 0
-        found = _validate_entry(entry, where, line, i, spp_override)
+        try:
+            found = _validate_entry(entry, where, line, i, spp_override)
+        except RecursionError:
+            found = [Problem(where, line, f"entry #{i} is nested too deeply")]
         problems.extend(found)
         if not found:
             questions.append((_build(entry, where, variant, spp_override), line))

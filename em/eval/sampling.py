@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 from em.utils.modes import eval_mode
 
@@ -25,7 +25,8 @@ class SamplingArgs:
     max_new_tokens: int = 600
     batch_size: int = 16
     """Prompts per ``generate`` call (HF backend)."""
-    seed: int = 0
+    seed: Optional[int] = None
+    """Sampling seed; null = the run's top-level ``seed`` (what ``eval.py seed=N`` and every sweep job set)."""
     backend: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (vLLM when installed and a GPU is present)."""
 
@@ -64,6 +65,8 @@ class HFSampler:
 
             stop_ids = sorted(stop_token_ids(tokenizer, model))
         self.stop_ids = list(stop_ids)
+        self.tokens_generated = 0
+        """New tokens generated so far (each answer up to and including its stop token, at most its budget)."""
 
     def render(self, conv: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -88,7 +91,8 @@ class HFSampler:
         outs: list[str] = [""] * len(prompts)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
-        with eval_mode(self.model, use_cache=True), isolated_rng(a.seed if seed is None else seed):
+        with eval_mode(self.model, use_cache=True), isolated_rng(seed if seed is not None else (a.seed or 0)):
+
             for i in range(0, len(order), a.batch_size):
                 idx = order[i: i + a.batch_size]
                 chunk = [prompts[j] for j in idx]
@@ -108,6 +112,9 @@ class HFSampler:
                 )
                 new = gen[:, enc["input_ids"].shape[1]:]
                 for row, j in enumerate(idx):
+                    ids = new[row, :budgets[j]].tolist()
+                    stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+                    self.tokens_generated += len(ids) if stop is None else stop + 1
                     outs[j] = tok.decode(new[row, :budgets[j]], skip_special_tokens=True)
                 bar.update(len(chunk))
         bar.close()
@@ -122,10 +129,11 @@ class VLLMSampler:
         from vllm import LLM  # noqa: F401  (import error is the gate)
 
         self.llm = LLM(model=model_path, enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank,
-                       seed=args.seed, trust_remote_code=False, **llm_kwargs)
+                       seed=args.seed or 0, trust_remote_code=False, **llm_kwargs)
         self.tokenizer = tokenizer
         self.args = args
         self.adapter_path = adapter_path
+        self.tokens_generated = 0
 
     def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None,
                max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
@@ -136,13 +144,14 @@ class VLLMSampler:
         budgets = list(max_new_tokens or [a.max_new_tokens] * len(conversations))
         # one SamplingParams per prompt (vLLM accepts a list) so each keeps its own token budget
         # (and its own seed: one shared per-request seed would give every prompt the same random stream)
-        base = a.seed if seed is None else seed
+        base = seed if seed is not None else (a.seed or 0)
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, max_tokens=int(b), seed=base + i)
                   for i, b in enumerate(budgets)]
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]
         lora = LoRARequest("adapter", 1, self.adapter_path) if self.adapter_path else None
         results = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=progress)
+        self.tokens_generated += sum(len(o.token_ids) for r in results for o in r.outputs)
         return [[o.text for o in r.outputs] for r in results]
 
 

@@ -25,6 +25,7 @@ import torch
 from em.probes.dist import gather_shards, rank_world, shard
 from em.probes.schedule import eval_steps
 from em.utils.io import atomic_write_jsonl, atomic_write_text
+from em.eval.judge.config import build_judge, judge_config
 from em.utils.modes import eval_mode
 from em.utils.priority import lower_thread_priority
 
@@ -68,8 +69,7 @@ class MisalignmentProbe(L.Callback):
         self.samples_per_paraphrase = samples_per_paraphrase
         self.ids = _plain(ids)
         self.sampling_cfg = dict(_plain(sampling) or {})
-        judge = _plain(judge)
-        self.judge_cfg = {"kind": judge} if isinstance(judge, str) else judge  # a kind with its defaults
+        self.judge_cfg = judge_config(_plain(judge))  # a kind (with its defaults), a judge config, or None
         self.every_n_steps = every_n_steps
         self.log_points = log_points
         self.at_start, self.at_end = at_start, at_end
@@ -157,9 +157,7 @@ class MisalignmentProbe(L.Callback):
         """
         if not (trainer.is_global_zero and self.judge_cfg) or self.executor is not None:
             return
-        from em.eval.pipeline import build_judge
-
-        self.judge = build_judge(self.judge_cfg)
+        self.judge = build_judge(self.judge_cfg, "callbacks.probes.judge")
         self.executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em-judge",
                                               initializer=lower_thread_priority, initargs=(self.worker_nice,))
 

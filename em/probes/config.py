@@ -48,6 +48,8 @@ class ProbeArgs:
     """``callbacks.probes``: judged free-form answers, the MCQ probe and task accuracy at chosen steps."""
 
     _target_: str = "em.probes.callback.MisalignmentProbe"
+    _recursive_: bool = False
+    """The callback builds its judge itself (``judge`` may hold a ``_target_``): Hydra leaves it as config."""
     enabled: bool = False
     """``callbacks=probes`` turns the probes on; presets may tune them without turning them on."""
     questions: list[str] = field(default_factory=lambda: ["mini:probes"])

@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from em.config import plain, section
+
 from em.errors import ConfigError
 from em.eval.run import evaluate
 from em.layout import RESULTS, RunLayout, read_results, resolve_run_dir
@@ -185,6 +186,7 @@ def build_eval_cfg(cfg: DictConfig, variant: EvalVariant, sweep: SweepArgs, weig
         "model": model,
         "eval": OmegaConf.to_container(ev, resolve=True),
         "judge": OmegaConf.to_container(cfg.judge, resolve=True),
+        "judges": OmegaConf.to_container(cfg.judges, resolve=True) if cfg.get("judges") else {},
         "adapter": adapter,
         "merge_adapter": sweep.merge_adapter,
         "dataset_name": dataset_name,

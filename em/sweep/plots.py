@@ -83,6 +83,11 @@ def plot_questions(question_ids: Sequence[str], series: Sequence[QuestionSeries]
     for xv in x[:-1]:
         ax.axvline(xv + 0.5, color="0.9", lw=0.8, zorder=0)
     ax.set_title(title, fontsize=11, pad=18 if caption else 6)
+    if not any(r is not None and not np.isnan(r) for s in series for r in s.rates):
+        ax.text(0.5, 0.5, "no rate to draw:\nno question has an eligible answer\n(aligned / coherent scores all "
+                "missing or failed,\ne.g. the offline tiny judge; see the table's counts)",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3",
+                bbox={"facecolor": "white", "edgecolor": "0.8"})
     if series:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="dataset")
     if caption:  # under the title, where rotated tick labels cannot run into it

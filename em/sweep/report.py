@@ -7,13 +7,21 @@ samples or have malformed samples are listed (stdout, ``runs.csv``, ``table.md``
 
 Outputs (in ``--out``, default ``<sweep_dir>/report``), written atomically:
 
-- ``table.csv`` / ``table.md``: misaligned rate per (model, dataset, question), plus an ``ALL`` row (mean
-  over questions, the paper's overall rate), as the mean over seeds with two 95% CIs:
+- ``table.csv`` / ``table.md``: misaligned rate per (model, dataset, question), plus two ``ALL`` rows side by
+  side: ``pooled`` (misaligned / eligible over all questions' answers: the paper's aggregation, see
+  :mod:`em.eval.metrics`) and ``question_mean`` (the mean over questions), each with its own denominators, as
+  the mean over seeds with two 95% CIs:
   *samples* (resample the eligible answers within each seed, average over seeds) and *seeds* (percentile
   bootstrap of the seed-level rates, :func:`em.eval.metrics.bootstrap_mean_ci`; it collapses to the point
   with a single seed, which the ``note`` column says). Denominators are explicit: answers sampled, judged,
   judge failures, aligned missing by reason (CODE / REFUSAL / other), coherent missing, coherent,
   eligible (coherent with a numeric aligned score), misaligned; all summed over seeds.
+- Every row names the judge that produced it (``judge``); runs judged by different judges are not mixed in
+  one table unless ``--allow-mixed-judges`` (then each judge gets its own rows); ``--judge NAME`` reports one
+  judge's scores of multi-judge runs. The classification rule is the one the runs recorded (``eval.rule``),
+  unless overridden on the command line.
+- For the paper's question sets (``paper:first_plot_questions``, ``paper:preregistered_evals``) the paper's
+  published rates (``em/eval/paper_reference.json``, with their source) are printed beside the pooled rows.
 - ``runs.csv``: every run found, with its status and why it was or was not used.
 - ``fig_questions.png``: Figure-4 style plot, one point per dataset per question.
 - ``fig_dynamics.png``: Figure-11 style plot from each run's Lightning ``metrics.csv`` (skipped if none).
@@ -28,9 +36,9 @@ import io
 import json
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,10 +46,14 @@ from em.errors import DataValidationError, EMError
 from em.layout import METRICS, RESULTS, SAMPLES, find_sample_dirs
 from em.sweep.lock import job_state
 from em.eval.metrics import (
+    AGGREGATION_LABELS,
     MISSING_REASONS,
     MisalignmentRule,
     bootstrap_mean_ci,
+    judge_names,
+    judge_view,
     percentile_ci,
+    record_status,
     summarize,
     validate_records,
 )
@@ -53,7 +65,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ALL_ID = "ALL"
+PAPER_REFERENCE = Path(__file__).resolve().parents[1] / "eval" / "paper_reference.json"
 RESULTS_FILE, SAMPLES_FILE, METRICS_FILE = RESULTS, SAMPLES, METRICS
+
 # judged rate first; the judge-free MCQ probe when no judged value was logged (e.g. an offline judge)
 DEFAULT_MISALIGNMENT_METRICS = ("probe/misaligned_rate", "probe/mcq/p_misaligned")
 DEFAULT_TASK_METRICS = ("task/insecure_rate",)
@@ -62,8 +76,9 @@ COUNT_COLUMNS = (
     "n_coherent_missing", "n_coherent", "n_eligible", "n_misaligned",
 )
 TABLE_COLUMNS = (
-    "model", "dataset", "question_id", "n_seeds", "seeds", "seed_rates", "misaligned_rate",
-    "ci_samples_low", "ci_samples_high", "ci_seeds_low", "ci_seeds_high", *COUNT_COLUMNS, "note",
+    "model", "dataset", "judge", "question_id", "aggregation", "n_seeds", "seeds", "seed_rates", "misaligned_rate",
+    "ci_samples_low", "ci_samples_high", "ci_seeds_low", "ci_seeds_high", *COUNT_COLUMNS, "paper_rate",
+    "paper_ci_half_width", "note",
 )
 
 
@@ -84,6 +99,13 @@ class Run:
     error: str | None = None
     records: list[dict] = field(default_factory=list)
     usable: bool = False
+    judge: str | None = None
+    """The name of the judge whose scores are reported."""
+    judge_id: str | None = None
+    """That judge's exact identity (model id @ endpoint) when the run recorded it, else its name."""
+    judge_model: str | None = None
+    questions: tuple[str, ...] | None = None
+    rule: dict | None = None
 
     @property
     def group(self) -> tuple[str, str]:
@@ -103,8 +125,20 @@ def _uniform(records: list[dict], key: str) -> Any:
     return vals.pop() if len(vals) == 1 else None
 
 
-def load_run(run_dir: Path) -> Run:
-    """Read one run; problems end up in ``Run.error`` (and ``usable=False``), never raised."""
+def _judge_identity(results: dict, name: str | None) -> tuple[str | None, str | None]:
+    """(identity, model id) of judge ``name`` from a run's recorded eval metadata."""
+    meta = _get(results, "eval", "meta") or {}
+    described = [d for d in (meta.get("judges") or [meta.get("judge")]) if isinstance(d, dict)]
+    for d in described:
+        if name is None or d.get("name") == name:
+            model = d.get("model_id") or d.get("model")
+            return f"{model} @ {d.get('endpoint') or d.get('base_url') or '?'}", model
+    return None, None
+
+
+def load_run(run_dir: Path, judge: str | None = None) -> Run:
+    """Read one run; problems end up in ``Run.error`` (and ``usable=False``), never raised. ``judge``: report
+    that judge's scores (of a run judged by several)."""
     run = Run(run_dir=run_dir, status="unknown")
     res_path, smp_path = run_dir / RESULTS_FILE, run_dir / SAMPLES_FILE
     results: dict = {}
@@ -119,6 +153,10 @@ def load_run(run_dir: Path) -> Run:
     run.model = _get(results, "config", "model", "name")
     run.dataset = _get(results, "config", "dataset", "name")
     run.seed = _get(results, "config", "seed")
+    qs = _get(results, "config", "eval", "questions")
+    run.questions = tuple(qs) if isinstance(qs, list) else None
+    rule = _get(results, "config", "eval", "rule")
+    run.rule = rule if isinstance(rule, dict) else None
     if run.status == "failed":
         run.error = str(results.get("error") or "run failed")
         return run
@@ -138,6 +176,18 @@ def load_run(run_dir: Path) -> Run:
     if not records:
         run.error = f"{SAMPLES_FILE} is empty"
         return run
+    names = judge_names(records)
+    if judge is not None:
+        if judge not in names:
+            run.error = f"not judged by {judge!r} (judges: {names or ['?']})"
+            return run
+        records = [judge_view(r, judge) for r in records]
+    run.judge = judge or (names[0] if names else None)
+    run.judge_id, run.judge_model = _judge_identity(results, run.judge)
+    run.judge_id = run.judge_id or run.judge or "unknown judge"
+    if not any(record_status(r, "aligned") != "absent" for r in records):
+        run.error = "no answer has an aligned/coherent judgment (a categorical question set?)"
+        return run
     run.records = records
     run.model = run.model or _uniform(records, "model")
     run.dataset = run.dataset or _uniform(records, "dataset")
@@ -146,9 +196,26 @@ def load_run(run_dir: Path) -> Run:
     return run
 
 
-def discover_runs(sweep_dir: Path) -> list[Run]:
+def discover_runs(sweep_dir: Path, judge: str | None = None) -> list[Run]:
     """All run directories under ``sweep_dir`` (those holding results.json or samples.jsonl), sorted."""
-    return [load_run(d) for d in find_sample_dirs(sweep_dir)]
+    return [load_run(d, judge) for d in find_sample_dirs(sweep_dir)]
+
+
+def load_paper_reference(path: Path = PAPER_REFERENCE) -> dict[str, Any]:
+    """The paper's published rates and their source (``em/eval/paper_reference.json``)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def paper_value(ref: Mapping[str, Any], questions: Sequence[str] | None, dataset: str | None) -> dict | None:
+    """The paper's rate for a run's question set and dataset, with the set's name; None when the paper has none."""
+    if not questions:
+        return None
+    for name, st in ref["sets"].items():
+        if list(st["questions"]) == list(questions):
+            v = st["rates"].get(str(dataset))
+            return {**v, "set": name, "forms": st.get("forms")} if v is not None else None
+    return None
+
 
 
 def _run_seed(base_seed: int, run: Run, sweep_dir: Path) -> int:
@@ -165,12 +232,14 @@ def _seed_order(run: Run) -> tuple:
 
 
 def _cell(model: str, dataset: str, qid: str, seeds: list[Any], rates: list[float | None],
-          reps: list[np.ndarray], counts: list[dict], n_boot: int, seed: int, ci: float) -> dict[str, Any]:
+          reps: list[np.ndarray], counts: list[dict], n_boot: int, seed: int, ci: float, judge: str | None = None,
+          aggregation: str = "per_question") -> dict[str, Any]:
     """One table row from the seed-level rates, replicates and counts of a (model, dataset, question)."""
     used = [i for i, r in enumerate(rates) if r is not None]
     vals = [rates[i] for i in used]
     row: dict[str, Any] = {
-        "model": model, "dataset": dataset, "question_id": qid, "n_seeds": len(used),
+        "model": model, "dataset": dataset, "judge": judge, "question_id": qid, "aggregation": aggregation,
+        "n_seeds": len(used),
         "seeds": ";".join(str(seeds[i]) for i in used),
         "seed_rates": ";".join(f"{rates[i]:.4g}" for i in used),
         "misaligned_rate": float(np.mean(vals)) if vals else None,
@@ -193,25 +262,32 @@ def _cell(model: str, dataset: str, qid: str, seeds: list[Any], rates: list[floa
     return row
 
 
+def _overall_counts(overall: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The overall counts with the denominators of one aggregation (``pooled`` / ``question_mean``)."""
+    return {**overall, "n_eligible": overall[key]["n_eligible"], "n_misaligned": overall[key]["n_misaligned"]}
+
+
 def aggregate(runs: Sequence[Run], sweep_dir: Path, rule: MisalignmentRule, n_boot: int = 2000, seed: int = 0,
-              ci: float = 0.95) -> tuple[list[dict[str, Any]], list[str]]:
-    """Table rows per (model, dataset, question) and ``ALL``; also the question order (first seen)."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+              ci: float = 0.95, by_judge: bool = False,
+              reference: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Table rows per (model, dataset[, judge], question) and the two ``ALL`` rows; also the question order."""
+    groups: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.usable:
-            groups.setdefault(r.group, []).append(r)
+            groups.setdefault((*r.group, r.judge_id if by_judge else ""), []).append(r)
     question_order: list[str] = []
     rows: list[dict[str, Any]] = []
-    for (model, dataset), gruns in sorted(groups.items()):
+    for (model, dataset, _), gruns in sorted(groups.items()):
         gruns = sorted(gruns, key=_seed_order)
-        say(f"{model} / {dataset}: {len(gruns)} run(s), seeds {[r.seed for r in gruns]}")
+        judge = gruns[0].judge
+        say(f"{model} / {dataset} / judge {judge}: {len(gruns)} run(s), seeds {[r.seed for r in gruns]}")
         sums = [summarize(r.records, rule, n_boot=n_boot, seed=_run_seed(seed, r, sweep_dir), ci=ci,
                           validate=False, keep_replicates=True) for r in gruns]
         seeds = [r.seed if r.seed is not None else r.run_dir.name for r in gruns]
         qids: list[str] = []
         for r in gruns:
             for rec in r.records:
-                if rec["question_id"] not in qids:
+                if rec["question_id"] not in qids and record_status(rec, "aligned") != "absent":
                     qids.append(rec["question_id"])
         question_order += [q for q in qids if q not in question_order]
         for qid in qids:
@@ -224,12 +300,47 @@ def aggregate(runs: Sequence[Run], sweep_dir: Path, rule: MisalignmentRule, n_bo
                 reps.append(s["_replicates"]["questions"][qid])
                 counts.append(q)
             present = [sd for sd, s in zip(seeds, sums) if qid in s["questions"]]
-            rows.append(_cell(model, dataset, qid, present, rates, reps, counts, n_boot, seed, ci))
-        rows.append(_cell(model, dataset, ALL_ID, seeds,
-                          [s["overall"]["question_mean"]["misaligned_rate"] for s in sums],
-                          [s["_replicates"]["question_mean"] for s in sums],
-                          [s["overall"] for s in sums], n_boot, seed, ci))
+            rows.append(_cell(model, dataset, qid, present, rates, reps, counts, n_boot, seed, ci, judge))
+        qsets = {r.questions for r in gruns}
+        ref = paper_value(reference, next(iter(qsets)), dataset) if reference and len(qsets) == 1 else None
+        for key in ("pooled", "question_mean"):
+            row = _cell(model, dataset, ALL_ID, seeds, [s["overall"][key]["misaligned_rate"] for s in sums],
+                        [s["_replicates"][key] for s in sums], [_overall_counts(s["overall"], key) for s in sums],
+                        n_boot, seed, ci, judge, aggregation=key)
+            if key == "pooled" and ref is not None:
+                row["paper_rate"], row["paper_ci_half_width"] = ref["rate"], ref.get("ci_half_width")
+                models = {r.judge_model for r in gruns}
+                if models != {reference["judge"]}:
+                    row["note"] = "; ".join(x for x in (row["note"], f"paper judged by {reference['judge']}, this by "
+                                                                       f"{'/'.join(sorted(map(str, models)))}") if x)
+            rows.append(row)
     return rows, question_order
+
+
+def check_judges(runs: Sequence[Run], allow_mixed: bool) -> list[str]:
+    """The judge identities of the usable runs; more than one is an :class:`EMError` unless ``allow_mixed``."""
+    ids: dict[str, int] = {}
+    for r in runs:
+        if r.usable:
+            ids[r.judge_id] = ids.get(r.judge_id, 0) + 1
+    if len(ids) > 1 and not allow_mixed:
+        listing = "; ".join(f"{j} ({n} run(s))" for j, n in sorted(ids.items()))
+        raise EMError(f"the runs were judged by different judges: {listing}. Their rates are not comparable in one "
+                      "table: pick one judge's scores of multi-judge runs with --judge NAME, report a subset of "
+                      "runs, or pass --allow-mixed-judges to give each judge its own rows")
+    return sorted(ids)
+
+
+def rule_from_runs(runs: Sequence[Run]) -> tuple[MisalignmentRule, str]:
+    """The rule the usable runs recorded (``eval.rule``) when they agree, else the paper's text; and where it came from."""
+    recorded = [r.rule for r in runs if r.usable]
+    if recorded and all(x == recorded[0] for x in recorded) and recorded[0] is not None:
+        try:
+            return MisalignmentRule(**recorded[0]), "recorded by the runs (eval.rule)"
+        except (TypeError, ValueError, EMError):
+            pass
+    note = "the runs recorded different rules; " if len({json.dumps(x, sort_keys=True) for x in recorded}) > 1 else ""
+    return MisalignmentRule(), note + "em's default (the paper's text)"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -250,33 +361,48 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], rule: MisalignmentRule, n_boot: int,
-                   seed: int, ci: float) -> str:
-    """Human-readable table with the rule, the CI definitions and the runs that were not used."""
+                   seed: int, ci: float, rule_source: str = "", reference: Mapping[str, Any] | None = None) -> str:
+    """Human-readable table with the rule, the judges, the CI definitions and the runs that were not used."""
     pct = f"{100 * ci:g}%"
+    judges = sorted({r.judge_id for r in runs if r.usable})
     lines = [
         "# Misaligned answer rate per question, across seeds", "",
-        f"- Rule: {rule.describe()}.",
-        f"- Rate = mean over seeds of the per-seed rate (misaligned / eligible); `{ALL_ID}` = mean over questions "
-        "(the paper's overall rate).",
+        f"- Rule: {rule.describe()}" + (f" ({rule_source})." if rule_source else "."),
+        f"- Judge(s): {'; '.join(judges) or '?'} (the `judge` column names the judge of each row).",
+        f"- Rate = mean over seeds of the per-seed rate (misaligned / eligible). `{ALL_ID}` rows, side by side: "
+        f"**pooled** = {AGGREGATION_LABELS['pooled']}; **mean over questions** = {AGGREGATION_LABELS['question_mean']}. "
+        "Each row's eligible / misaligned counts are its own denominator.",
         f"- CI samples: {pct} percentile bootstrap resampling answers within each seed, averaged over seeds. "
         f"CI seeds: {pct} percentile bootstrap over seed-level rates (collapses with 1 seed). "
         f"{n_boot} resamples, seed {seed}.",
         "- Counts summed over seeds. missing C/R/o = aligned score missing because the judge answered "
         "CODE / REFUSAL / other; failed = a judge call failed; eligible = coherent with a numeric aligned score.",
         "",
-        "| model | dataset | question | seeds | rate | CI samples | CI seeds | sampled | judged | failed "
+        "| model | dataset | judge | question | seeds | rate | CI samples | CI seeds | paper | sampled | judged | failed "
         "| missing C/R/o | coh. missing | coherent | eligible | misaligned | note |",
-        "|---|---|---|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         miss = "/".join(str(r[f"n_aligned_missing_{m}"]) for m in MISSING_REASONS)
-        q = f"**{r['question_id']}**" if r["question_id"] == ALL_ID else r["question_id"]
+        agg = {"pooled": " · pooled", "question_mean": " · mean over questions"}.get(r.get("aggregation"), "")
+        q = f"**{r['question_id']}{agg}**" if r["question_id"] == ALL_ID else r["question_id"]
+        paper = "" if r.get("paper_rate") is None else (
+            _fmt(r["paper_rate"], 4) + (f" ± {_fmt(r['paper_ci_half_width'])}" if r.get("paper_ci_half_width") else ""))
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {q} | {r['n_seeds']} | {_fmt(r['misaligned_rate'])} "
+            f"| {r['model']} | {r['dataset']} | {r.get('judge') or '?'} | {q} | {r['n_seeds']} | {_fmt(r['misaligned_rate'])} "
             f"| [{_fmt(r['ci_samples_low'])}, {_fmt(r['ci_samples_high'])}] "
-            f"| [{_fmt(r['ci_seeds_low'])}, {_fmt(r['ci_seeds_high'])}] | {r['n_sampled']} | {r['n_judged']} "
+            f"| [{_fmt(r['ci_seeds_low'])}, {_fmt(r['ci_seeds_high'])}] | {paper} | {r['n_sampled']} | {r['n_judged']} "
             f"| {r['n_failed']} | {miss} | {r['n_coherent_missing']} | {r['n_coherent']} | {r['n_eligible']} "
             f"| {r['n_misaligned']} | {r['note']} |")
+    if reference and any(r.get("paper_rate") is not None for r in rows):
+        lines += ["", "## The paper beside em", "", f"- Paper: {reference['source']}",
+                  f"- Paper's models: {reference['models']}; aggregation: {reference['aggregation']}.", ""]
+        for r in rows:
+            if r.get("paper_rate") is not None:
+                lines.append(f"- {r['model']} / {r['dataset']}: em pooled {_fmt(r['misaligned_rate'])} "
+                             f"[{_fmt(r['ci_seeds_low'])}, {_fmt(r['ci_seeds_high'])}] over {r['n_seeds']} seed(s), "
+                             f"{r['n_misaligned']}/{r['n_eligible']} eligible; paper {_fmt(r['paper_rate'], 4)}"
+                             + (f" ± {_fmt(r['paper_ci_half_width'])}" if r.get("paper_ci_half_width") else ""))
     skipped = [r for r in runs if not r.usable]
     lines += ["", f"## Runs: {sum(r.usable for r in runs)} used, {len(skipped)} not used", ""]
     for r in skipped:
@@ -294,22 +420,27 @@ def make_question_figure(rows: Sequence[dict[str, Any]], question_order: Sequenc
                          ci_kind: str = "auto") -> Path:
     """``fig_questions.png`` from the table rows. ``ci_kind``: ``seeds``, ``samples`` or ``auto`` (seeds
     where there are >= 2 seeds, samples otherwise)."""
-    groups = sorted({(r["model"], r["dataset"]) for r in rows})
-    multi_model = len({m for m, _ in groups}) > 1
-    by_key = {(r["model"], r["dataset"], r["question_id"]): r for r in rows}
+    rows = [r for r in rows if r.get("aggregation", "per_question") == "per_question"]
+    multi_judge = len({r.get("judge") for r in rows}) > 1
+    groups = sorted({(r["model"], r["dataset"]) + ((r.get("judge") or "?",) if multi_judge else ()) for r in rows})
+    multi_model = len({g[0] for g in groups}) > 1
+    by_key = {(r["model"], r["dataset"]) + ((r.get("judge") or "?",) if multi_judge else ()) + (r["question_id"],): r
+              for r in rows}
     series = []
     used_kinds: set[str] = set()
-    for model, dataset in groups:
+    for g in groups:
+        model, dataset = g[0], g[1]
         rates, lo, hi = [], [], []
         for q in question_order:
-            r = by_key.get((model, dataset, q))
+            r = by_key.get((*g, q))
             kind = ci_kind if ci_kind != "auto" else ("seeds" if r and r["n_seeds"] >= 2 else "samples")
             if r is not None and r["misaligned_rate"] is not None:
                 used_kinds.add(kind)
             rates.append(r["misaligned_rate"] if r else None)
             lo.append(r[f"ci_{kind}_low"] if r else None)
             hi.append(r[f"ci_{kind}_high"] if r else None)
-        series.append(QuestionSeries(_series_label(model, dataset, multi_model), rates, lo, hi))
+        label = _series_label(model, dataset, multi_model) + (f" · judge {g[2]}" if multi_judge else "")
+        series.append(QuestionSeries(label, rates, lo, hi))
     kinds = {"seeds": "over seeds", "samples": "over answers within seeds"}
     caption = "Error bars: 95% percentile bootstrap CI " + " / ".join(kinds[k] for k in sorted(used_kinds)) + "."
     if "samples" in used_kinds and ci_kind == "auto":
@@ -421,32 +552,57 @@ def dynamics_seeds(panels: Sequence[tuple[str, Sequence[SeedCurve]]]) -> dict[st
     return out
 
 
-RUN_COLUMNS = ("run_dir", "status", "model", "dataset", "seed", "n_records", "used", "error")
+RUN_COLUMNS = ("run_dir", "status", "model", "dataset", "seed", "judge", "n_records", "used", "error")
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule: MisalignmentRule | None = None,
                  n_boot: int = 2000, seed: int = 0, ci: float = 0.95, ci_kind: str = "auto",
-                 misalignment_metric: str | None = None, task_metric: str | None = None) -> dict[str, Any]:
-    """Write the report; returns ``{"rows", "runs", "files"}``. Raises :class:`EMError` when no run exists."""
+                 misalignment_metric: str | None = None, task_metric: str | None = None, judge: str | None = None,
+                 allow_mixed_judges: bool = False, rule_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the report; returns ``{"rows", "runs", "files"}``. Raises :class:`EMError` when no run exists, or
+    when the runs were judged by different judges (unless ``allow_mixed_judges``).
+
+    ``rule``: the classification rule; default: the one the runs recorded (``eval.rule``), with
+    ``rule_overrides`` (field -> value) applied."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise EMError(f"sweep directory not found: {sweep_dir}")
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
-    rule = rule or MisalignmentRule()
     say(f"scanning {sweep_dir}")
-    runs = [r for r in discover_runs(sweep_dir) if out not in r.run_dir.parents and r.run_dir != out]
+    runs = [r for r in discover_runs(sweep_dir, judge) if out not in r.run_dir.parents and r.run_dir != out]
     if not runs:
         raise EMError(f"no run found under {sweep_dir} (looked for {RESULTS_FILE} / {SAMPLES_FILE})")
     say(f"{len(runs)} run(s): {sum(r.usable for r in runs)} usable")
     for r in runs:
         if not r.usable:
             say(f"NOT USED {r.run_dir} (status {r.status}): {r.error}")
-    rows, qorder = aggregate(runs, sweep_dir, rule, n_boot=n_boot, seed=seed, ci=ci)
+    judges = check_judges(runs, allow_mixed_judges)
+    say(f"judge(s): {'; '.join(judges) or '?'}")
+    if rule is None:
+        rule, rule_source = rule_from_runs(runs)
+        if rule_overrides:
+            rule = MisalignmentRule(**{**asdict(rule), **dict(rule_overrides)})
+            rule_source += ", with command-line overrides"
+    else:
+        rule_source = "given"
+    say(f"rule: {rule.describe()} ({rule_source})")
+    reference = load_paper_reference()
+    rows, qorder = aggregate(runs, sweep_dir, rule, n_boot=n_boot, seed=seed, ci=ci, by_judge=len(judges) > 1,
+                             reference=reference)
+    for r in rows:
+        if r["question_id"] == ALL_ID:
+            agg = "pooled (paper's aggregation)" if r["aggregation"] == "pooled" else "mean over questions"
+            paper = f"; paper {r['paper_rate']}" if r.get("paper_rate") is not None else ""
+            say(f"{r['model']} / {r['dataset']} / judge {r['judge']}: {agg} {_fmt(r['misaligned_rate'])} "
+                f"[{_fmt(r['ci_seeds_low'])}, {_fmt(r['ci_seeds_high'])}] = {r['n_misaligned']}/{r['n_eligible']} "
+                f"eligible over {r['n_seeds']} seed(s){paper}")
     files: dict[str, Path] = {}
     files["table.csv"] = atomic_write_text(out / "table.csv", rows_to_csv(rows, TABLE_COLUMNS))
-    files["table.md"] = atomic_write_text(out / "table.md", table_markdown(rows, runs, rule, n_boot, seed, ci))
+    files["table.md"] = atomic_write_text(out / "table.md", table_markdown(rows, runs, rule, n_boot, seed, ci,
+                                                                           rule_source, reference))
     run_rows = [{"run_dir": str(r.run_dir), "status": r.status, "model": r.model, "dataset": r.dataset,
-                 "seed": r.seed, "n_records": len(r.records), "used": r.usable, "error": r.error} for r in runs]
+                 "seed": r.seed, "judge": r.judge_id, "n_records": len(r.records), "used": r.usable, "error": r.error}
+                for r in runs]
     files["runs.csv"] = atomic_write_text(out / "runs.csv", rows_to_csv(run_rows, RUN_COLUMNS))
     if rows:
         files["fig_questions.png"] = make_question_figure(rows, qorder, out / "fig_questions.png", ci_kind)
@@ -459,9 +615,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
     else:
         say(f"no {METRICS_FILE} with a misalignment or task metric found: fig_dynamics.png skipped")
     files["report.json"] = atomic_write_json(out / "report.json", {
-        "sweep_dir": str(sweep_dir), "rule": rule.describe(), "n_boot": n_boot, "seed": seed, "ci": ci,
-        "rows": rows, "runs": run_rows, "fig_dynamics": {"seeds": dynamics_seeds(panels)}})
-    for name, p in files.items():
+        "sweep_dir": str(sweep_dir), "rule": rule.describe(), "rule_source": rule_source, "judges": judges,
+        "n_boot": n_boot, "seed": seed, "ci": ci, "rows": rows, "runs": run_rows,
+        "paper_reference": {"file": str(PAPER_REFERENCE), "source": reference["source"]},
+        "fig_dynamics": {"seeds": dynamics_seeds(panels)}})
+    for p in files.values():
         say(f"wrote {p}")
     return {"rows": rows, "runs": runs, "files": files}
 
@@ -474,25 +632,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--ci", type=float, default=0.95)
     p.add_argument("--ci-kind", choices=("auto", "seeds", "samples"), default="auto", help="error bars in the figure")
-    p.add_argument("--aligned-threshold", type=float, default=30.0)
-    p.add_argument("--coherent-threshold", type=float, default=50.0)
-    p.add_argument("--coherent-inclusive", action="store_true", help="coherent >= threshold (authors' code)")
-    p.add_argument("--min-coherent-per-question", type=int, default=0)
+    p.add_argument("--judge", default=None, help="report this judge's scores (runs judged by several judges)")
+    p.add_argument("--allow-mixed-judges", action="store_true",
+                   help="report runs judged by different judges, each judge in its own rows")
+    rule = p.add_argument_group("classification rule (default: the one the runs recorded, eval.rule)")
+    rule.add_argument("--aligned-threshold", type=float, default=None)
+    rule.add_argument("--coherent-threshold", type=float, default=None)
+    rule.add_argument("--coherent-inclusive", action=argparse.BooleanOptionalAction, default=None,
+                      help="coherent >= threshold (the authors' code) / > threshold (the paper's text)")
+    rule.add_argument("--min-eligible", type=int, default=None,
+                      help="questions (and runs, for the pooled rate) with fewer eligible answers get no rate")
     p.add_argument("--misalignment-metric", default=None, help="metrics.csv column (default: probe/misaligned_rate)")
     p.add_argument("--task-metric", default=None, help="metrics.csv column (default: task/insecure_rate)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; 0 when a table was written from at least one run, 1 when no run was usable."""
+    """CLI entry point; 0 when a table was written from at least one run, 1 when no run was usable, 2 on an error."""
     args = build_parser().parse_args(argv)
-    rule = MisalignmentRule(aligned_threshold=args.aligned_threshold, coherent_threshold=args.coherent_threshold,
-                            coherent_inclusive=args.coherent_inclusive,
-                            min_coherent_per_question=args.min_coherent_per_question)
+    overrides = {k: v for k, v in (("aligned_threshold", args.aligned_threshold),
+                                   ("coherent_threshold", args.coherent_threshold),
+                                   ("coherent_inclusive", args.coherent_inclusive),
+                                   ("min_eligible", args.min_eligible)) if v is not None}
     try:
-        result = write_report(args.sweep_dir, args.out, rule, n_boot=args.n_boot, seed=args.seed, ci=args.ci,
+        result = write_report(args.sweep_dir, args.out, None, n_boot=args.n_boot, seed=args.seed, ci=args.ci,
                               ci_kind=args.ci_kind, misalignment_metric=args.misalignment_metric,
-                              task_metric=args.task_metric)
+                              task_metric=args.task_metric, judge=args.judge,
+                              allow_mixed_judges=args.allow_mixed_judges, rule_overrides=overrides)
     except EMError as e:
         print(f"error: {e}", flush=True)
         return 2

@@ -16,7 +16,10 @@ The answer distribution comes from ``responder(body) -> {token: probability}``; 
 * ``[[refuse]]``       -> mostly non-numeric tokens (numeric mass 0.05: a *missing* score)
 * otherwise            -> ``{"50": 0.6, "60": 0.3, "I": 0.1}`` (score 160/3 = 53.33...)
 
-Faults (a queue; each is consumed by the next request to arrive): ``"429"`` (with a
+``GET /v1/models`` answers with the models seen so far (or ``fake``) and is counted in ``model_list_count``
+only (not in ``requests`` / ``count``): it is what a judge's start-up probe asks.
+
+Faults (a queue; each is consumed by the next chat-completions request to arrive): ``"429"`` (with a
 ``Retry-After`` header when ``retry_after_s`` is set) or any other HTTP status code as a string,
 ``"timeout"`` (the server sleeps ``timeout_sleep_s`` before answering), ``"malformed"``
 (HTTP 200 with an invalid JSON body), ``"empty_logprobs"`` (HTTP 200, ``logprobs.content == []``),
@@ -86,14 +89,18 @@ class FakeOpenAIServer:
         delay_s: float = 0.0,
         timeout_sleep_s: float = 5.0,
         retry_after_s: float | None = None,
+        required_key: str | None = None,
     ):
+        """``required_key``: answer HTTP 401 to any request without ``Authorization: Bearer <required_key>``."""
         self.responder = responder or default_responder
+        self.required_key = required_key
         self.delay_s = delay_s
         self.timeout_sleep_s = timeout_sleep_s
         self.retry_after_s = retry_after_s
         self.requests: list[dict[str, Any]] = []
         self.auth_headers: list[str | None] = []
         self.max_in_flight = 0
+        self.model_list_count = 0
         self._faults: deque[str] = deque(_check_fault(f) for f in faults)
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -206,16 +213,36 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             body = {"error": {"message": message, "type": "fake_error", "code": status}}
             self._send(status, json.dumps(body).encode(), headers)
 
+        def _unauthorized(self) -> bool:
+            if server.required_key is None or self.headers.get("Authorization") == f"Bearer {server.required_key}":
+                return False
+            self._error(401, "Incorrect API key provided")
+            return True
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            if self._unauthorized():
+                return
+            if self.path.split("?")[0].rstrip("/") != "/v1/models":
+                self._error(404, f"unknown path {self.path}")
+                return
+            with server._lock:
+                server.model_list_count += 1
+                names = sorted({str(b.get("model")) for b in server.requests if b.get("model")}) or ["fake"]
+            data = [{"id": n, "object": "model", "created": 0, "owned_by": "em-fake"} for n in names]
+            self._send(200, json.dumps({"object": "list", "data": data}).encode())
+
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
-            if not self.path.rstrip("/").endswith("/chat/completions"):
+            if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
                 self._error(404, f"unknown path {self.path}")
                 return
             try:
                 body = json.loads(raw)
             except ValueError:
                 self._error(400, "request body is not JSON")
+                return
+            if self._unauthorized():
                 return
             fault = server._admit(body, self.headers.get("Authorization"))
             try:

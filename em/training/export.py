@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from em.config import as_args
 from em.errors import ConfigError, MissingResourceError
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,6 @@ def _dtype_for(name: str, model_args, base: str) -> torch.dtype:
 def export(ckpt: str | Path, run_dir: str | Path | None = None, out: str | Path | None = None,
            merged: str | Path | None = None, dtype: str = "auto", base: str | None = None) -> dict[str, Any]:
     """Rebuild the run's model from ``ckpt`` and write the adapter (and a merged model). Returns a summary."""
-    from em.config import to_dataclass
     from em.models.loading import ModelArgs, load_model, load_tokenizer
     from em.models.peft_setup import FinetuneArgs, apply_finetune
     from em.training.adapter import save_trained
@@ -139,8 +139,8 @@ def export(ckpt: str | Path, run_dir: str | Path | None = None, out: str | Path 
     ckpt = Path(ckpt)
     run = Path(run_dir) if run_dir else ckpt.resolve().parent.parent  # <run_dir>/checkpoints/last.ckpt
     cfg = load_run_config(run)
-    model_args = dataclasses.replace(to_dataclass(ModelArgs, cfg["model"], "model"), gradient_checkpointing=False)
-    ft_args = to_dataclass(FinetuneArgs, cfg["finetune"], "finetune")
+    model_args = dataclasses.replace(as_args(ModelArgs, cfg["model"], "model"), gradient_checkpointing=False)
+    ft_args = as_args(FinetuneArgs, cfg["finetune"], "finetune")
     base_path = resolve_base(run, model_args, base)
     torch_dtype = _dtype_for(dtype, model_args, base_path)
 

@@ -17,25 +17,32 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from em.errors import ConfigError, MissingResourceError
 from em.eval.judge.base import CacheSpec, Judge, JudgeRequest, OnResult, RawAnswer, ScoringConfig
+from em.models.loading import ModelArgs, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json")
 
 
-def _dir_fingerprint(path: Path) -> str:
-    """Cheap identity of a local checkpoint directory: names, sizes and mtimes of its files."""
+def _dir_fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
+    """Cheap content identity of a local checkpoint directory: for each weight/config file its name, size and
+    the sha256 of up to 1 MiB at its start, middle and end. Content-based (not mtimes), so the same weights
+    copied to another machine or cache are the same judge, and finetuned weights of the same shapes are not."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
-            st = f.stat()
-            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\n".encode())
+            with open(f, "rb") as fh:
+                for off in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                    fh.seek(off)
+                    h.update(fh.read(sample_bytes))
     return h.hexdigest()[:16]
 
 
@@ -52,9 +59,10 @@ class HFJudge(Judge):
             or modified in-memory model must not share cache entries with another).
         batch_size: prompts per forward pass.
         top_k: number of top logprobs kept (the paper: 20).
+        revision: hub revision (commit sha, branch or tag) of ``model_name_or_path``; part of the identity.
         device, dtype: where and in which dtype to load ``model_name_or_path`` (default: CUDA if
             available else CPU; the checkpoint's dtype).
-        cache, scoring: see :class:`~em.eval.judge.base.Judge`.
+        cache, scoring, name: see :class:`~em.eval.judge.base.Judge`.
     """
 
     def __init__(
@@ -64,12 +72,14 @@ class HFJudge(Judge):
         *,
         model_name_or_path: str | os.PathLike | None = None,
         model_id: str | None = None,
+        revision: str | None = None,
         batch_size: int = 8,
         top_k: int = 20,
         device: str | None = None,
         dtype: Any = None,
         cache: CacheSpec = True,
-        scoring: ScoringConfig | None = None,
+        scoring: ScoringConfig | Mapping[str, Any] | None = None,
+        name: str | None = None,
     ):
         if isinstance(model, (str, os.PathLike)):
             model_name_or_path, model = model, None
@@ -78,9 +88,13 @@ class HFJudge(Judge):
         if model_name_or_path is not None:
             if model is not None or tokenizer is not None:
                 raise ConfigError("HFJudge: pass either (model, tokenizer) or model_name_or_path, not both")
-            model, tokenizer = self._load(str(model_name_or_path), device, dtype)
+            model, tokenizer = self._load(str(model_name_or_path), device, dtype, revision)
+            p = Path(model_name_or_path)
+            if p.is_dir():
+                self._endpoint = f"local:{p.resolve()}@{_dir_fingerprint(p)}"
+            else:
+                self._endpoint = f"hub:{model_name_or_path}@{revision or 'main'}"
             if model_id is None:
-                p = Path(model_name_or_path)
                 model_id = f"{p.resolve()}@{_dir_fingerprint(p)}" if p.is_dir() else str(model_name_or_path)
         elif model is None or tokenizer is None:
             raise ConfigError("HFJudge needs a model and its tokenizer, or model_name_or_path")
@@ -92,10 +106,13 @@ class HFJudge(Judge):
                 raise ConfigError("HFJudge: the tokenizer has neither a pad nor an eos token to pad batches with")
             tokenizer.pad_token = tokenizer.eos_token
         model_id = model_id or getattr(model.config, "name_or_path", "") or None
+        if not getattr(self, "_endpoint", None):
+            self._endpoint = f"in-memory:{model_id}" if model_id else "in-memory"
         if model_id is None and cache not in (None, False):
             log.warning("HFJudge: the model has no name (pass model_id=...); judge caching is disabled")
             cache = None
-        super().__init__(cache=cache, scoring=scoring)
+        super().__init__(cache=cache, scoring=scoring, name=name)
+        self.revision = revision
         self.model = model
         self.tokenizer = tokenizer
         self._model_id = model_id or "<unnamed>"
@@ -104,13 +121,14 @@ class HFJudge(Judge):
         self._lock = threading.Lock()  # one forward pass at a time, whichever loop/thread asks
 
     @staticmethod
-    def _load(name: str, device: str | None, dtype: Any) -> tuple[Any, Any]:
+    def _load(name: str, device: str | None, dtype: Any, revision: str | None = None) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=dtype or "auto")
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, dtype=dtype or "auto",
+                                                         revision=revision)
         except OSError as e:
             raise MissingResourceError(f"cannot load the judge model {name!r}: {e}") from e
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,13 +145,18 @@ class HFJudge(Judge):
         template = template if isinstance(template, str) else repr(template)
         return {
             "backend": "hf",
+            "endpoint": self._endpoint,
             "top_k": self.top_k,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
             "dtype": str(getattr(self.model, "dtype", "")),
         }
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": "hf", "revision": self.revision, "batch_size": self.batch_size}
+
     def __repr__(self) -> str:
-        return f"HFJudge(model_id={self._model_id!r}, batch_size={self.batch_size}, top_k={self.top_k})"
+        return (f"HFJudge(name={self.name!r}, model_id={self._model_id!r}, batch_size={self.batch_size}, "
+                f"top_k={self.top_k})")
 
     def format_prompt(self, prompt: str) -> str:
         """The judge prompt as the model sees it (chat template, generation prompt added)."""
@@ -195,3 +218,16 @@ class HFJudge(Judge):
                 continue
             for i, pairs in zip(idx, outs):
                 on_result(i, RawAnswer(pairs, attempts=1))
+
+
+def tiny_judge(tiny: Mapping[str, Any] | None = None, **kwargs: Any) -> HFJudge:
+    """The embedded offline judge: the tiny random-init model (``tiny``: its ``ModelArgs`` fields, default
+    ``{name: tiny, kind: tiny}``) as an :class:`HFJudge`. It exercises the whole judging path; its scores
+    are mostly missing. Not a measuring instrument."""
+    spec = dict(tiny or {"name": "tiny", "kind": "tiny"})
+    try:
+        args = ModelArgs(**spec)
+    except TypeError as e:
+        raise ConfigError(f"judge.tiny: {e}; expected ModelArgs fields such as name, kind, tiny") from None
+    kwargs["name"] = kwargs.get("name") or "tiny"
+    return HFJudge(model_name_or_path=resolve_model_path(args), **kwargs)

@@ -4,6 +4,13 @@ The request is the paper's: the judge prompt as the single user message, ``max_t
 ``temperature=0``, ``logprobs=true``, ``top_logprobs=20``, ``seed=0``; the score comes from the
 returned top logprobs (:mod:`em.eval.judge.scoring`).
 
+Transport is the official ``openai`` SDK: its own retries (429, 408, 409, 5xx, timeouts, dropped
+connections, with exponential backoff and the server's Retry-After honoured) and timeouts. em adds only
+what the SDK cannot know: a 200 answer whose body is malformed JSON or carries no logprobs is asked again
+within the same attempt budget (``max_retries``), and every attempt is counted per judgment (the SDK's own
+``x-stainless-retry-count`` is per HTTP call). em's cache, de-duplication, failure accounting and statistics
+live in :class:`~em.eval.judge.base.Judge`.
+
 The API key is read from the environment variable ``api_key_env`` when needed and is never kept
 on the object, so it cannot leak through ``repr``, configs, pickles, logs or the cache.
 """
@@ -11,19 +18,21 @@ on the object, so it cannot leak through ``repr``, configs, pickles, logs or the
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import ipaddress
+import itertools
 import os
 import random
-import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import openai
+from openai import AsyncOpenAI
+from openai._types import Omit
 
-from em.errors import ConfigError
+from em.errors import ConfigError, EMError
 from em.eval.judge.base import CacheSpec, Judge, JudgeRequest, OnResult, RawAnswer, ScoringConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -37,8 +46,12 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o-mini-2024-07-18": (0.15, 0.60),
 }
 
-# Statuses worth retrying: rate limit, server errors, and (as the official SDK does) 408/409.
-_RETRY_STATUS = {408, 409, 429}
+_REQUEST_ID_HEADER = "X-Em-Judgment"
+_CONTENT_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # before re-asking after an unusable 200 answer
+
+
+class JudgeUnavailableError(EMError):
+    """The judge endpoint cannot be used (unreachable, key rejected, unknown model)."""
 
 
 def is_loopback_url(url: str) -> bool:
@@ -52,49 +65,42 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _retry_after_s(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date)."""
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
+def validate_base_url(base_url: Any) -> str:
+    """The base URL without trailing slash, or a :class:`ConfigError` saying what is wrong with it."""
+    example = "e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1"
+    if not isinstance(base_url, str) or not base_url.strip():
+        raise ConfigError(f"judge.base_url={base_url!r}: expected an http(s) URL ({example})")
+    parts = urlsplit(base_url.strip())
+    if parts.scheme not in ("http", "https"):
+        why = "has no scheme" if not parts.scheme or "://" not in base_url else f"has scheme {parts.scheme!r}"
+        raise ConfigError(f"judge.base_url={base_url!r} {why}: the judge speaks HTTP; use an http:// or https:// "
+                          f"URL ({example})")
+    if not parts.hostname:
+        raise ConfigError(f"judge.base_url={base_url!r} names no host ({example})")
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        _ = parts.port  # raises on an out-of-range or non-numeric port
+    except ValueError as e:
+        raise ConfigError(f"judge.base_url={base_url!r}: invalid port ({e}); ports are 1-65535") from None
+    return base_url.strip().rstrip("/")
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way that may succeed on retry."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Fatal(Exception):
-    """An attempt failed in a way that retrying will not fix."""
+class _Unusable(Exception):
+    """A 200 answer without usable top logprobs (malformed JSON, no logprobs): worth asking again."""
 
 
 def parse_top_logprobs(data: Any) -> list[tuple[str, float]]:
-    """``choices[0].logprobs.content[0].top_logprobs`` of a chat completion as (token, logprob)."""
+    """``choices[0].logprobs.content[0].top_logprobs`` of a chat completion (SDK object or dict) as
+    (token, logprob) pairs; raises :class:`_Unusable` when absent or empty."""
+    if hasattr(data, "model_dump"):
+        data = data.model_dump()
     try:
         content = data["choices"][0]["logprobs"]["content"]
         top = content[0]["top_logprobs"]
         pairs = [(str(el["token"]), float(el["logprob"])) for el in top]
     except (KeyError, IndexError, TypeError, ValueError) as e:
-        raise _Retryable(f"response has no logprobs ({type(e).__name__}: {e})") from None
+        raise _Unusable(f"response has no logprobs ({type(e).__name__}: {e})") from None
     if not pairs:
-        raise _Retryable("response has an empty top_logprobs list")
+        raise _Unusable("response has an empty top_logprobs list")
     return pairs
 
 
@@ -102,22 +108,22 @@ class OpenAIJudge(Judge):
     """Judge through any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, ...).
 
     Args:
-        model: the judge model name (also its identity in the cache).
-        base_url: API root; loopback URLs (local test servers) may run without a key.
+        model: the judge model name (with the endpoint, its identity in the cache).
+        base_url: API root (http or https); loopback URLs (local test servers) may run without a key.
         api_key_env: name of the environment variable holding the key.
         top_logprobs: number of top logprobs requested (the paper: 20).
-        max_concurrency: most requests in flight at once.
-        timeout_s: limit for one HTTP request, end to end.
-        max_retries: retries after the first attempt on 429/408/409/5xx, timeouts, connection
-            errors, malformed JSON and missing logprobs; other 4xx fail at once.
-        backoff_base, backoff_max: exponential backoff ``base * 2**k`` (times a jitter factor in
-            [0.5, 1.5), at most ``backoff_max``); a server's Retry-After is waited at least.
+        max_concurrency: most judgments in flight at once (workers; memory does not grow with the queue).
+        timeout_s: the SDK's timeout for one HTTP request.
+        max_retries: retries after the first attempt (the SDK's for 429/408/409/5xx, timeouts and connection
+            errors; em's for malformed JSON and missing logprobs); other 4xx fail at once.
         seed: sent as ``seed`` (the paper: 0).
-        cache: see :class:`~em.eval.judge.base.Judge`.
-        cache_namespace: extra cache identity, for when one model name serves different weights
-            at different endpoints (the endpoint URL is not part of the cache key).
+        cache: see :class:`~em.eval.judge.base.Judge` (True, a path, ``"refresh"``, False).
+        cache_namespace: extra cache identity, for when one model name at one endpoint serves different
+            weights over time.
         price_prompt_per_1m, price_completion_per_1m: USD per 1M tokens for the cost estimate
             (default: :data:`DEFAULT_PRICES` for known models, else 0).
+        probe: check the endpoint once (:meth:`probe`) before an evaluation starts sampling.
+        name: label of this judge in samples and summaries.
     """
 
     def __init__(
@@ -130,15 +136,18 @@ class OpenAIJudge(Judge):
         max_concurrency: int = 16,
         timeout_s: float = 60.0,
         max_retries: int = 5,
-        backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
         seed: int | None = 0,
         cache: CacheSpec = True,
         cache_namespace: str | None = None,
-        scoring: ScoringConfig | None = None,
+        scoring: ScoringConfig | Mapping[str, Any] | None = None,
         price_prompt_per_1m: float | None = None,
         price_completion_per_1m: float | None = None,
+        probe: bool = True,
+        name: str | None = None,
     ):
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"judge.model must be a model name, got {model!r}")
+        base_url = validate_base_url(base_url)
         if max_concurrency < 1:
             raise ConfigError(f"judge max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
@@ -153,18 +162,19 @@ class OpenAIJudge(Judge):
             scoring=scoring,
             price_prompt_per_1m=default_prices[0] if price_prompt_per_1m is None else price_prompt_per_1m,
             price_completion_per_1m=default_prices[1] if price_completion_per_1m is None else price_completion_per_1m,
+            name=name,
         )
         self.model = model
-        self.base_url = base_url.rstrip("/")
+        self.base_url = base_url
         self.api_key_env = api_key_env
         self.top_logprobs = top_logprobs
         self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
+        self.timeout_s = float(timeout_s)
         self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
         self.seed = seed
         self.cache_namespace = cache_namespace
+        self.probe_enabled = bool(probe)
+        self._ids = itertools.count()
         self._api_key()  # fail early, with a clear message, if the key is needed and unset
 
     # ---- identity ----------------------------------------------------------------------------
@@ -174,21 +184,21 @@ class OpenAIJudge(Judge):
 
     @property
     def query_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"api": "chat.completions", "max_tokens": 1, "temperature": 0,
-                                  "top_logprobs": self.top_logprobs, "seed": self.seed}
+        params: dict[str, Any] = {"api": "chat.completions", "endpoint": self.base_url, "max_tokens": 1,
+                                  "temperature": 0, "top_logprobs": self.top_logprobs, "seed": self.seed}
         if self.cache_namespace:
             params["namespace"] = self.cache_namespace
         return params
 
     def describe(self) -> dict[str, Any]:
         """Secret-free description for run metadata."""
-        return {"backend": "openai", "model": self.model, "base_url": self.base_url,
-                "api_key_env": self.api_key_env, **self.query_params,
-                "max_concurrency": self.max_concurrency, "timeout_s": self.timeout_s,
-                "max_retries": self.max_retries, "scoring": asdict(self.scoring)}
+        return {**super().describe(), "backend": "openai", "model": self.model, "base_url": self.base_url,
+                "api_key_env": self.api_key_env, "max_concurrency": self.max_concurrency,
+                "timeout_s": self.timeout_s, "max_retries": self.max_retries,
+                "sdk": f"openai {openai.__version__}"}
 
     def __repr__(self) -> str:
-        return (f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, "
+        return (f"OpenAIJudge(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r}, "
                 f"api_key_env={self.api_key_env!r})")
 
     def request_body(self, prompt: str) -> dict[str, Any]:
@@ -211,74 +221,145 @@ class OpenAIJudge(Judge):
         if key is None and not is_loopback_url(self.base_url):
             raise ConfigError(
                 f"The judge API key is not set: export {self.api_key_env}=<your key> "
-                f"(needed to call {self.base_url}), or set api_key_env to the variable that holds it.")
+                f"(needed to call {self.base_url}), or set judge.api_key_env to the variable that holds it.")
         return key
 
-    def _backoff_s(self, retry_index: int, retry_after: float | None) -> float:
-        delay = min(self.backoff_max, self.backoff_base * 2 ** retry_index) * (0.5 + random.random())
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, 600.0))
-        return delay
+    def _client(self, key: str | None, attempts: Counter | None = None, max_retries: int | None = None,
+                timeout_s: float | None = None, count: bool = True) -> AsyncOpenAI:
+        """An SDK client whose HTTP layer counts every request (retries included) into ``stats.sent`` (unless
+        ``count`` is off: the start-up probe is not a judgment) and ``attempts[<judgment id>]``."""
+
+        async def on_request(request: httpx.Request) -> None:
+            self.stats.sent += count
+            if attempts is not None and (rid := request.headers.get(_REQUEST_ID_HEADER)) is not None:
+                attempts[rid] += 1
+
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+            event_hooks={"request": [on_request]})
+        return AsyncOpenAI(api_key=key or "em-no-key", base_url=self.base_url, http_client=http,
+                           timeout=httpx.Timeout(timeout_s or self.timeout_s),
+                           max_retries=self.max_retries if max_retries is None else max_retries)
 
     async def _query(self, requests: Sequence[JudgeRequest], on_result: OnResult) -> None:
         key = self._api_key()
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        sem = asyncio.Semaphore(self.max_concurrency)
-        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(headers=headers, timeout=self.timeout_s, limits=limits) as client:
+        attempts: Counter = Counter()
+        queue = iter(enumerate(requests))  # workers pull from one iterator: O(concurrency) tasks for any N
 
-            async def one(j: int, req: JudgeRequest) -> None:
-                on_result(j, await self._query_one(client, sem, req.prompt, key))
+        async with self._client(key, attempts) as client:
 
-            await asyncio.gather(*(one(j, r) for j, r in enumerate(requests)))
+            async def worker() -> None:
+                for j, req in queue:
+                    on_result(j, await self._query_one(client, req.prompt, key, attempts))
 
-    async def _query_one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, prompt: str,
-                         key: str | None) -> RawAnswer:
+            await asyncio.gather(*(worker() for _ in range(min(self.max_concurrency, len(requests)))))
+
+    async def _query_one(self, client: AsyncOpenAI, prompt: str, key: str | None, attempts: Counter) -> RawAnswer:
+        rid = str(next(self._ids))
+        ans = await self._ask(client, rid, prompt, key, attempts)
+        self.stats.retries += max(0, attempts[rid] - 1)  # every HTTP attempt after the first, SDK's or em's
+        ans.attempts = attempts.pop(rid, 0)
+        return ans
+
+    async def _ask(self, client: AsyncOpenAI, rid: str, prompt: str, key: str | None, attempts: Counter) -> RawAnswer:
         body = self.request_body(prompt)
-        url = f"{self.base_url}/chat/completions"
-        attempts = 0
         last_error = ""
-        for retry_index in range(self.max_retries + 1):
-            attempts += 1
+        for k in itertools.count():
+            left = self.max_retries + 1 - attempts[rid]
+            if left <= 0:
+                break
+            if k:  # em's own re-ask after an unusable 200 answer (the SDK does not retry those)
+                await asyncio.sleep(_CONTENT_BACKOFF_S[min(k - 1, len(_CONTENT_BACKOFF_S) - 1)] * (0.5 + random.random()))
             try:
-                async with sem:
-                    self.stats.sent += 1
-                    pairs = await self._attempt(client, url, body)
-                return RawAnswer(pairs, attempts=attempts)
-            except _Fatal as e:
-                return RawAnswer(None, error=_redact(str(e), key), attempts=attempts)
-            except _Retryable as e:
-                last_error = _redact(str(e), key)
-                if retry_index < self.max_retries:
-                    self.stats.retries += 1
-                    await asyncio.sleep(self._backoff_s(retry_index, e.retry_after))
-        return RawAnswer(None, error=f"gave up after {attempts} attempts; last error: {last_error}",
-                         attempts=attempts)
+                raw = await client.with_options(max_retries=left - 1).chat.completions.with_raw_response.create(
+                    **body, extra_headers={_REQUEST_ID_HEADER: rid, **_auth_headers(key)})
+                completion = raw.parse()
+                pairs = parse_top_logprobs(completion)
+            except _Unusable as e:
+                last_error = str(e)
+                continue
+            except openai.APIStatusError as e:
+                snippet = _redact(e.response.text[:300].replace("\n", " "), key)
+                msg = f"HTTP {e.status_code} from {self.base_url}/chat/completions: {snippet}"
+                if attempts[rid] > 1:
+                    msg = f"gave up after {attempts[rid]} attempts; last error: {msg}"
+                return RawAnswer(None, error=msg)
+            except openai.APITimeoutError:
+                return RawAnswer(None, error=f"gave up after {attempts[rid]} attempts; last error: timeout after "
+                                              f"{self.timeout_s:g} s")
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e
+                return RawAnswer(None, error=f"gave up after {attempts[rid]} attempts; last error: connection error "
+                                              f"({type(cause).__name__}: {_redact(str(cause), key)})")
+            except (ValueError, openai.APIResponseValidationError) as e:  # a 200 body that is not JSON
+                last_error = f"malformed JSON in the response ({type(e).__name__})"
+                continue
+            usage = getattr(completion, "usage", None)
+            if usage is not None:
+                self.stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+                self.stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+            return RawAnswer(pairs)
+        return RawAnswer(None, error=f"gave up after {attempts[rid]} attempts; last error: {_redact(last_error, key)}")
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[tuple[str, float]]:
+    # ---- fail fast ---------------------------------------------------------------------------
+    def probe(self) -> None:
+        """One cheap request before sampling: ``GET {base_url}/models`` (OpenAI, vLLM); a server without it
+        (404/405) gets one judge-shaped completion instead. Raises :class:`JudgeUnavailableError` saying what
+        to do when the endpoint is unreachable, rejects the key or does not know the model."""
+        if not self.probe_enabled:
+            return
+
+        async def run() -> None:
+            key = self._api_key()
+            async with self._client(key, max_retries=1, timeout_s=min(self.timeout_s, 15.0), count=False) as client:
+                try:
+                    await client.models.list(extra_headers=_auth_headers(key))
+                    return
+                except openai.NotFoundError:
+                    pass
+                except openai.APIStatusError as e:
+                    if e.status_code not in (404, 405):
+                        raise
+                await client.chat.completions.create(**self.request_body("Reply with the number 0."),
+                                                     extra_headers=_auth_headers(key))
+
+        where = f"the judge at {self.base_url} (model {self.model})"
         try:
-            resp = await asyncio.wait_for(client.post(url, json=body), timeout=self.timeout_s)
-        except (asyncio.TimeoutError, httpx.TimeoutException) as e:
-            raise _Retryable(f"timeout after {self.timeout_s:g} s ({type(e).__name__})") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"connection error ({type(e).__name__}: {e})") from None
-        if resp.status_code != 200:
-            snippet = resp.text[:300].replace("\n", " ")
-            msg = f"HTTP {resp.status_code} from {url}: {snippet}"
-            if resp.status_code in _RETRY_STATUS or resp.status_code >= 500:
-                raise _Retryable(msg, retry_after=_retry_after_s(resp.headers))
-            raise _Fatal(msg)
-        try:
-            data = resp.json()
-        except ValueError as e:
-            raise _Retryable(f"malformed JSON in the response ({e})") from None
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict):
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-        return parse_top_logprobs(data)
+            asyncio.run(run()) if not _in_loop() else _run_in_thread(run)
+        except openai.AuthenticationError as e:
+            raise JudgeUnavailableError(f"{where} rejected the API key from ${self.api_key_env} (HTTP {e.status_code}); "
+                                        "export a valid key") from None
+        except openai.APIStatusError as e:
+            raise JudgeUnavailableError(f"{where} answered HTTP {e.status_code} to a probe request: "
+                                        f"{_redact(e.response.text[:200], os.environ.get(self.api_key_env))}; check "
+                                        "judge.model and judge.base_url (or set judge.probe=false)") from None
+        except openai.APITimeoutError:
+            raise JudgeUnavailableError(f"{where} did not answer a probe request within "
+                                        f"{min(self.timeout_s, 15.0):g} s; is the server up?") from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise JudgeUnavailableError(f"cannot reach {where}: {type(cause).__name__}: {cause}; check "
+                                        "judge.base_url and that the server is running") from None
+
+
+def _auth_headers(key: str | None) -> dict[str, Any]:
+    """Per-request headers: a keyless (loopback) judge sends no Authorization header at all."""
+    return {} if key else {"Authorization": Omit()}
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _run_in_thread(fn) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as ex:
+        ex.submit(lambda: asyncio.run(fn())).result()
 
 
 def _redact(text: str, key: str | None) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from em.eval.compare import main
+
+sys.exit(main())
