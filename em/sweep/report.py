@@ -57,6 +57,7 @@ from em.eval.metrics import (
     summarize,
     validate_records,
 )
+from em.probes.plot import CODE_METRICS, parse_rate_key
 from em.sweep.plots import QuestionSeries, SeedCurve, plot_dynamics, plot_questions
 from em.utils.io import atomic_write_json, atomic_write_text
 
@@ -472,38 +473,83 @@ def _pick_column(columns: Sequence[str], preferred: Sequence[str], contains: str
     return None
 
 
-def make_dynamics_figure(runs: Sequence[Run], out_path: Path, misalignment_metric: str | None = None,
-                         task_metric: str | None = None) -> Path | None:
-    """``fig_dynamics.png`` from the runs' ``metrics.csv``; None (and a message) when there is none."""
-    mis_curves: list[SeedCurve] = []
-    task_curves: list[SeedCurve] = []
+def _curve(g: "pd.DataFrame", col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Steps, values and not-measurable steps of one metric from a run's per-step frame. A code metric at a step
+    where no answer parsed as code (the syntax-valid fraction is 0, or the syntax-error rate 1 in older runs) is
+    NaN there, never the 0 bandit reports for no code."""
+    import pandas as pd
+
+    vals = g[col].dropna() if col in g.columns else pd.Series(dtype=float)
+    nm = np.array([], dtype=float)
+    if col in CODE_METRICS:
+        pk = parse_rate_key(col)
+        old = pk.replace("code_parse_rate", "syntax_error_rate")
+        parse = g[pk] if pk in g.columns else (1.0 - g[old]) if old in g.columns else None
+        if parse is not None:
+            nm = parse.index[parse.to_numpy() == 0.0].to_numpy(float)
+    steps = np.union1d(vals.index.to_numpy(float), nm)
+    if not steps.size:
+        return None
+    values = np.array([np.nan if s in nm else float(vals.get(s, np.nan)) for s in steps])
+    return steps, values, nm
+
+
+def dynamics_panels(runs: Sequence[Run], misalignment_metric: str | None = None,
+                    task_metric: str | None = None) -> list[tuple[str, list[SeedCurve]]]:
+    """The dynamics figure's panels (metric key, one curve per run) from the given runs' ``metrics.csv``: a
+    misalignment metric, a task metric and, for a code metric, the syntax-valid fraction beside it."""
+    curves: dict[str, list[SeedCurve]] = {"mis": [], "task": [], "parse": []}
     names: dict[str, str] = {}
     multi_model = len({r.model for r in runs}) > 1
     for r in runs:
-        if r.status == "failed":
-            continue
         df = read_metrics_csv(r.run_dir)
         if df is None:
             continue
-        cols = [c for c in df.columns if c != "step" and df[c].notna().any()]
+        g = df.groupby("step").last()  # the newest logged (non-NaN) value of every column per step
+        cols = [c for c in g.columns if g[c].notna().any()]
         picks = {
             "mis": misalignment_metric or _pick_column(cols, DEFAULT_MISALIGNMENT_METRICS, "misalign"),
             "task": task_metric or _pick_column(cols, DEFAULT_TASK_METRICS, "task/"),
         }
+        if picks["task"] in CODE_METRICS:
+            picks["parse"] = parse_rate_key(picks["task"])
+            if picks["parse"] not in g.columns:
+                old = picks["parse"].replace("code_parse_rate", "syntax_error_rate")
+                if old in g.columns:
+                    g[picks["parse"]] = 1.0 - g[old]
         label = _series_label(r.model or "?", r.dataset or "?", multi_model)
-        for key, target in (("mis", mis_curves), ("task", task_curves)):
-            col = picks[key]
-            if col is None or col not in df.columns:
+        for key, col in picks.items():
+            if col is None:
                 continue
-            names.setdefault(key, col)
-            sub = df[["step", col]].dropna().groupby("step", as_index=False).last()
-            if len(sub):
-                target.append(SeedCurve(label, str(r.seed), sub["step"].to_numpy(float), sub[col].to_numpy(float)))
-    if not mis_curves and not task_curves:
+            c = _curve(g, col)
+            if c is not None:
+                names.setdefault(key, col)
+                curves[key].append(SeedCurve(label, str(r.seed), c[0], c[1], c[2] if c[2].size else None))
+    panels = [(names.get("mis", "misalignment"), curves["mis"]), (names.get("task", "task"), curves["task"])]
+    if curves["parse"]:
+        panels.append((names["parse"], curves["parse"]))
+    return panels
+
+
+def make_dynamics_figure(runs: Sequence[Run], out_path: Path, misalignment_metric: str | None = None,
+                         task_metric: str | None = None) -> Path | None:
+    """``fig_dynamics.png`` from the ``metrics.csv`` of ``runs`` (the table's runs: pass the same selection);
+    None (and a message) when there is none."""
+    panels = dynamics_panels(runs, misalignment_metric, task_metric)
+    if not any(curves for _, curves in panels):
         say(f"no {METRICS_FILE} with a misalignment or task metric found: fig_dynamics.png skipped")
         return None
-    panels = [(names.get("mis", "misalignment"), mis_curves), (names.get("task", "task"), task_curves)]
     return plot_dynamics(panels, out_path)
+
+
+def dynamics_seeds(panels: Sequence[tuple[str, Sequence[SeedCurve]]]) -> dict[str, dict[str, int]]:
+    """metric -> group -> number of seeds drawn (what the figure's legend says)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, curves in panels:
+        for c in curves:
+            out.setdefault(name, {}).setdefault(c.group, 0)
+            out[name][c.group] += 1
+    return out
 
 
 RUN_COLUMNS = ("run_dir", "status", "model", "dataset", "seed", "judge", "n_records", "used", "error")
@@ -562,13 +608,17 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
         files["fig_questions.png"] = make_question_figure(rows, qorder, out / "fig_questions.png", ci_kind)
     else:
         say("no usable run: fig_questions.png skipped")
-    dyn = make_dynamics_figure(runs, out / "fig_dynamics.png", misalignment_metric, task_metric)
-    if dyn is not None:
-        files["fig_dynamics.png"] = dyn
+    used = [r for r in runs if r.usable]  # one selection for the table and the dynamics figure
+    panels = dynamics_panels(used, misalignment_metric, task_metric)
+    if any(curves for _, curves in panels):
+        files["fig_dynamics.png"] = plot_dynamics(panels, out / "fig_dynamics.png")
+    else:
+        say(f"no {METRICS_FILE} with a misalignment or task metric found: fig_dynamics.png skipped")
     files["report.json"] = atomic_write_json(out / "report.json", {
         "sweep_dir": str(sweep_dir), "rule": rule.describe(), "rule_source": rule_source, "judges": judges,
         "n_boot": n_boot, "seed": seed, "ci": ci, "rows": rows, "runs": run_rows,
-        "paper_reference": {"file": str(PAPER_REFERENCE), "source": reference["source"]}})
+        "paper_reference": {"file": str(PAPER_REFERENCE), "source": reference["source"]},
+        "fig_dynamics": {"seeds": dynamics_seeds(panels)}})
     for p in files.values():
         say(f"wrote {p}")
     return {"rows": rows, "runs": runs, "files": files}

@@ -21,8 +21,8 @@ from em.training.ckpt_files import resolve_resume
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
 from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
 from em.training.progress import StepProgressBar
+from em.training.wandb_logging import build_wandb_logger, finish_wandb_run
 from em.utils.dist import global_rank
-
 from em.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,13 @@ def keep_metrics_history(run_dir: Path) -> Path | None:
     return dst
 
 
-def build_loggers(cfg: DictConfig, args: TrainingArgs, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, args: TrainingArgs, run_dir: Path, resume: bool = False) -> list:
+    """CSV always; W&B with ``logger=wandb`` (``resume``: into the job's recorded W&B run)."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]  # -> run_dir/metrics.csv
     if args.logger.wandb is not None:
-        from em.training.wandb_logging import build_wandb_logger
-
-        loggers.append(build_wandb_logger(cfg, run_dir))
+        loggers.append(build_wandb_logger(cfg, run_dir, resume=resume))
     return loggers
 
 
@@ -146,8 +145,11 @@ def prepare_run_dir(layout: RunLayout) -> None:
                           "paths.output_root=<a writable dir> (or paths.run_dir=...)") from None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     """Finetune per ``cfg``; returns metrics and paths (also written to ``run_dir/train_summary.json``).
+
+    With ``logger=wandb`` the W&B run is finished on return, unless ``keep_wandb_run`` (a sweep job logs its
+    evaluation into the same run, then finishes it).
 
     Every config check runs first (unknown keys, values, the resume checkpoint, the batch plan, the strategy, a
     writable run dir), then data rows are loaded (a missing dataset is reported before a model download), then
@@ -188,7 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = CausalLMModule(args.model, args.finetune, args.optim, model_path)
     if ckpt_path and global_rank() == 0:
         keep_metrics_history(layout.root)
-    loggers = build_loggers(cfg, args, layout.root)
+    loggers = build_loggers(cfg, args, layout.root, resume=ckpt_path is not None)
     for lg in loggers:
         lg.log_hyperparams(plain(cfg))
         if hasattr(lg, "log_metrics"):
@@ -225,11 +227,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if saver is not None:  # a resume that had nothing left to train: the weights from the checkpoint
             saver.ensure_saved(trainer, ckpt_path, layout.root, model_path)
-    finally:
-        if args.logger.wandb is not None:
-            import wandb
-
-            wandb.finish()  # one W&B run per job, also inside a multirun
+    except BaseException:
+        if args.logger.wandb is not None and not keep_wandb_run:
+            finish_wandb_run(exit_code=1)
+        raise
+    if args.logger.wandb is not None and not keep_wandb_run:
+        finish_wandb_run()  # one W&B run per job, also inside a multirun
     fit_s = clock.seconds
     actual = forecast_training(rows=dm.train_stats.rows_kept, mean_tokens=mean_tokens(dm.train_stats),
                                tokens_note="steps trained x global batch x mean length",
