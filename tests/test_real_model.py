@@ -278,7 +278,7 @@ def test_eval_py_model_smollm2_end_to_end_with_the_loopback_judge(smollm2_dir, t
         env = {**os.environ, "OPENAI_API_KEY": "sk-test-not-a-real-key"}
         proc = subprocess.run(
             [sys.executable, str(REPO / "eval.py"), "model=smollm2", "judge=openai", f"judge.base_url={srv.base_url}",
-             f"judge.cache={tmp_path / 'judge.sqlite'}", "judge.backoff_base=0.01",
+             f"judge.cache={tmp_path / 'judge.sqlite'}",
              "eval.ids=[genie_wish,world_leader]", "eval.samples_per_paraphrase=1",
              "eval.sampling.max_new_tokens=24", "eval.n_boot=100", f"paths.run_dir={out}", "progress=false"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
