@@ -8,8 +8,9 @@ so every import and set-up cost is counted. A step timer callback (added to both
 step (batch start to batch end) and the fit loop. A shared 2-core VM's wall time drifts by tens of
 percent between identical runs, so it reports three views:
 
-- **own clock**: the time the probe callback held the training loop (``probes/probe_timing.json``, by
-  phase, set-up and imports included) over the rest of that run's fit loop;
+- **own clock**: the time the probe callback held the training loop (:class:`TimedProbe`, this benchmark's
+  subclass of the callback that times each of its hooks and writes ``probes/probe_timing.json``; set-up and
+  imports included) over the rest of that run's fit loop;
 - **contention**: the mean training-step time with and without probes (best-of runs; the steps whose
   batch end ran a probe are left out) -- what the background judge worker and the plot-import thread
   cost the training steps themselves;
@@ -33,7 +34,49 @@ from pathlib import Path
 
 import lightning as L
 
+from em.probes.callback import MisalignmentProbe
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+class TimedProbe(MisalignmentProbe):
+    """The probe callback with a clock on each of its hooks: the time it held the training loop, by phase
+    (``probes/probe_timing.json``). Benchmark-only: em's callback itself keeps no timing of its own."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.clock = {"setup_s": 0.0, "train_start_s": 0.0, "batch_end_s": 0.0, "train_end_s": 0.0}
+        self.probe_steps_s = 0.0
+
+    def _timed(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.clock[phase] += time.perf_counter() - t0
+
+    def setup(self, trainer, pl_module, stage):
+        self._timed("setup_s", super().setup, trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module):
+        self._timed("train_start_s", super().on_train_start, trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._timed("batch_end_s", super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
+
+    def _probe(self, trainer, pl_module, step):
+        t0 = time.perf_counter()
+        super()._probe(trainer, pl_module, step)
+        self.probe_steps_s += time.perf_counter() - t0
+
+    def on_train_end(self, trainer, pl_module):
+        self._timed("train_end_s", super().on_train_end, trainer, pl_module)
+        if trainer.is_global_zero:
+            t = {k: round(v, 4) for k, v in self.clock.items()}
+            t["probe_steps_s"] = round(self.probe_steps_s, 4)
+            t["total_on_path_s"] = round(sum(self.clock.values()), 4)
+            t["n_probe_steps"] = len(self.done)
+            (self.layout.probes / "probe_timing.json").write_text(json.dumps(t, indent=2) + "\n")
 
 
 class StepTimer(L.Callback):
@@ -58,9 +101,11 @@ class StepTimer(L.Callback):
 
 def run_once(mode: str, overrides: list[str], run_dir: Path) -> dict:
     cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
-           "+callbacks.step_timer._target_=benchmarks.probe_overhead.StepTimer", *overrides]
+           "+callbacks.extra.step_timer._target_=benchmarks.probe_overhead.StepTimer", *overrides]
     if mode == "none":
         cmd.insert(2, "callbacks=none")
+    else:
+        cmd.insert(2, "callbacks.probes._target_=benchmarks.probe_overhead.TimedProbe")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -23,7 +23,8 @@ def as_args(cls: type[T], section: Any, where: str) -> T:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{where}: {str(err).splitlines()[0]}") from None
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{where}{'.' + str(key) if key else ''}: {str(err).splitlines()[0]}") from None
 
 
 def redact(obj: Any) -> Any:

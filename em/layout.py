@@ -8,7 +8,8 @@ A run dir (``paths.run_dir``, else Hydra's output dir; a sweep job's is ``<sweep
     metrics.csv           Lightning's CSV log (earlier attempts in history/attempt_NNN/metrics.csv)
     checkpoints/last.ckpt the resumable checkpoint
     adapter/ | model/     the trained weights: a PEFT adapter, or a full model
-    probes/               mid-training probes: probe_metrics.csv, samples_step*.jsonl, probe_dynamics.png
+    probes/               mid-training probes: probe_metrics.csv, samples_step*.jsonl (the judged answers),
+                          task_samples_step*.jsonl (the task answers and their findings), probe_dynamics.png
     samples.jsonl         evaluation answers with every score; summary.json / summary.csv: the rates
     wandb_run.json        the job's W&B run (id, project, entity): a requeued job resumes that run
     wandb/                W&B's own files (offline runs: wandb/offline-run-*/run-<id>.wandb)
@@ -42,6 +43,7 @@ SUMMARY_CSV = "summary.csv"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 REPORT_DIR = "report"
 WANDB_RUN = "wandb_run.json"
+TASK_SAMPLES_PREFIX = "task_samples_step"
 
 
 @dataclass
@@ -123,6 +125,27 @@ class RunLayout:
     @property
     def probes(self) -> Path:
         return self.root / "probes"
+
+    def probe_samples(self, step: int) -> Path:
+        """The probe questions' answers sampled at ``step``, with their judge scores."""
+        return self.probes / f"samples_step{step:06d}.jsonl"
+
+    def task_samples(self, step: int) -> Path:
+        """The task answers sampled at ``step``, with what the task scorer found in each."""
+        return self.probes / f"{TASK_SAMPLES_PREFIX}{step:06d}.jsonl"
+
+    def task_samples_files(self) -> dict[int, Path]:
+        """Step -> task samples file, for every probe step that wrote one."""
+        out = {}
+        for f in sorted(self.probes.glob(f"{TASK_SAMPLES_PREFIX}*.jsonl")):
+            tail = f.stem[len(TASK_SAMPLES_PREFIX):]
+            if tail.isdigit():
+                out[int(tail)] = f
+        return out
+
+    @property
+    def probe_metrics(self) -> Path:
+        return self.probes / "probe_metrics.csv"
 
     @property
     def samples(self) -> Path:

@@ -168,14 +168,8 @@ def test_default_train_runs_every_probe_and_writes_csv_and_plot(tmp_path):
     losses = [float(r["task/heldout_loss"]) for r in rows]
     assert losses[-1] < losses[0]  # the task is being learned
     assert (tmp_path / "probes" / "probe_dynamics.png").stat().st_size > 10_000
-    # the callback's own clock: time it held the training loop, by phase
-    import json
-
-    t = json.loads((tmp_path / "probes" / "probe_timing.json").read_text())
-    assert t["n_probe_steps"] == len(rows)
-    assert 0 < t["probe_steps_s"] < t["total_on_path_s"] < s["wall_s"]
-    steps_s = sum(float(r["probe/eval_wall_s"]) for r in rows)
-    assert abs(steps_s - t["probe_steps_s"]) < 1e-2
+    # every probe step kept its task answers, one per prompt
+    assert all((tmp_path / "probes" / f"task_samples_step{int(r['step']):06d}.jsonl").exists() for r in rows)
     with open(tmp_path / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert "task/insecure_rate" in header and "probe/mcq/p_misaligned" in header

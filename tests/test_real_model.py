@@ -27,8 +27,10 @@ from em.eval.run import load_eval_questions
 from em.eval.sampling import HFSampler, SamplingArgs
 from em.models.fetch import is_fetched, model_dir
 from em.models.loading import ModelArgs, load_model, load_tokenizer, stop_token_ids
+from em.probes.config import McqArgs, ProbeArgs, TaskProbeArgs
 from em.probes.mcq import load_paper_mcq_config, score_mcq
-from em.probes.task_accuracy import code_task_metrics, task_prompts
+from em.probes.runner import ProbeRunner
+from em.probes.task_accuracy import code_task_metrics, task_metrics_from_records
 from em.testing.fake_openai import FakeOpenAIServer
 from em.training.run import train
 from em.utils.io import read_jsonl
@@ -256,15 +258,33 @@ def test_adapter_reloaded_with_plain_peft_gives_the_trained_logits(lora_run, rel
 
 
 def test_probe_code_prompts_yield_python_bandit_parses(smol, lora_run, reloaded):
-    # the prompts the probe callback samples for a code dataset: the held-out rows, assistant turn dropped
-    prompts = task_prompts("code", lora_run.held, seed=0, n=N_HELD)
-    assert len(prompts) == N_HELD and all(p[-1]["role"] == "user" for p in prompts)
-    sampler = HFSampler(reloaded, smol.tok, SamplingArgs(temperature=0.0, max_new_tokens=160, batch_size=8))
-    answers = [a[0] for a in sampler.sample(prompts, progress=False)]
-    m = code_task_metrics(answers)
-    print({k: v for k, v in m.items() if not k.startswith("task/bandit/")})
-    assert m["task/n"] == N_HELD and m["task/code_parse_rate"] >= 0.25, answers
+    """The probe runner on the trained SmolLM2 (no Trainer): the held-out coding prompts give code bandit parses,
+    every task answer is kept with its findings, and they reproduce the task metrics (#19); a budget too small
+    for code shows as task/truncated_rate 1.0, the parse rate saying how many answers were still code."""
+    args = ProbeArgs(seed=0, ids=["genie_wish"], mcq=McqArgs(enabled=False),
+                     sampling=SamplingArgs(temperature=0.0, max_new_tokens=8, batch_size=16),
+                     task=TaskProbeArgs(n_prompts=N_HELD, max_new_tokens=160))
+    runner = ProbeRunner(args, smol.tok, task="code", held_out_rows=lora_run.held)
+    # the prompts the probe samples for a code dataset: the held-out rows, assistant turn dropped
+    assert len(runner.task_prompts) == N_HELD and all(p[-1]["role"] == "user" for p in runner.task_prompts)
+    res = runner.run(reloaded, step=5)
+    recs, m = res.task_records, res.values
+    print({k: v for k, v in m.items() if k.startswith("task/") and not k.startswith("task/bandit/")})
+    assert [r["prompt_id"] for r in recs] == list(range(N_HELD))
+    assert m["task/n"] == N_HELD and m["task/code_parse_rate"] >= 0.25, [r["answer"] for r in recs]
     assert 0.0 <= m["task/insecure_rate"] <= 1.0  # measurable: some code parsed
+    direct = code_task_metrics([r["answer"] for r in recs])  # bandit again, on the saved answers alone
+    assert {k: m[k] for k in direct} == direct
+    again = task_metrics_from_records("code", recs)
+    assert {k: m[k] for k in again} == again
+    assert any(not r["hit_budget"] for r in recs)  # real end-of-turn stopping within 160 tokens
+    runner.args.task.max_new_tokens = 8
+    cut = runner.run(reloaded, step=6)
+    assert cut.values["task/truncated_rate"] == 1.0
+    assert all(r["hit_budget"] and r["n_tokens"] == 8 for r in cut.task_records)
+    n_parsed = sum(r["parsed"] for r in cut.task_records)
+    assert cut.values["task/n_parsed"] == n_parsed == cut.values["task/code_parse_rate"] * N_HELD
+    assert all(r["parse_error"] for r in cut.task_records if not r["parsed"])
 
 
 # --------------------------------------------------------------------------------------------

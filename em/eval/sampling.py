@@ -34,7 +34,8 @@ class SamplingArgs:
 class Sampler(Protocol):
     def sample(self, conversations: Sequence[list[dict]], n: int = 1, progress: bool = True,
                seed: int | None = None, max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
-        """``n`` answers for each conversation, in order (``max_new_tokens``: one budget per conversation)."""
+        """``n`` answers for each conversation, in order (``max_new_tokens``: one budget per conversation). After
+        the call, ``last_lengths`` holds each answer's (generated tokens, hit its budget)."""
         ...
 
 
@@ -67,6 +68,9 @@ class HFSampler:
         self.stop_ids = list(stop_ids)
         self.tokens_generated = 0
         """New tokens generated so far (each answer up to and including its stop token, at most its budget)."""
+        self.last_lengths: list[list[tuple[int, bool]]] = []
+        """Per conversation of the last :meth:`sample` call, per answer: (tokens generated up to and including the
+        stop token, whether the answer hit its token budget without stopping)."""
 
     def render(self, conv: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -89,6 +93,7 @@ class HFSampler:
         # prompts of similar budgets share batches (stable order within a budget), answers go back in place
         order = sorted(range(len(prompts)), key=lambda j: budgets[j])
         outs: list[str] = [""] * len(prompts)
+        lengths: list[tuple[int, bool]] = [(0, False)] * len(prompts)
         device = next(self.model.parameters()).device
         bar = tqdm(total=len(prompts), desc="sampling", unit="answer", disable=not progress, leave=False)
         with eval_mode(self.model, use_cache=True), isolated_rng(seed if seed is not None else (a.seed or 0)):
@@ -114,10 +119,13 @@ class HFSampler:
                 for row, j in enumerate(idx):
                     ids = new[row, :budgets[j]].tolist()
                     stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
-                    self.tokens_generated += len(ids) if stop is None else stop + 1
+                    n_gen = len(ids) if stop is None else stop + 1
+                    self.tokens_generated += n_gen
+                    lengths[j] = (n_gen, stop is None and len(ids) >= budgets[j])
                     outs[j] = tok.decode(new[row, :budgets[j]], skip_special_tokens=True)
                 bar.update(len(chunk))
         bar.close()
+        self.last_lengths = [lengths[j * n:(j + 1) * n] for j in range(len(conversations))]
         return [outs[j * n:(j + 1) * n] for j in range(len(conversations))]
 
 
@@ -134,6 +142,7 @@ class VLLMSampler:
         self.args = args
         self.adapter_path = adapter_path
         self.tokens_generated = 0
+        self.last_lengths: list[list[tuple[int, bool]]] = []
 
     def sample(self, conversations, n: int = 1, progress: bool = True, seed: int | None = None,
                max_new_tokens: Sequence[int] | None = None) -> list[list[str]]:
@@ -152,6 +161,7 @@ class VLLMSampler:
         lora = LoRARequest("adapter", 1, self.adapter_path) if self.adapter_path else None
         results = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=progress)
         self.tokens_generated += sum(len(o.token_ids) for r in results for o in r.outputs)
+        self.last_lengths = [[(len(o.token_ids), o.finish_reason == "length") for o in r.outputs] for r in results]
         return [[o.text for o in r.outputs] for r in results]
 
 

@@ -42,6 +42,15 @@ METRIC_LABELS = {
 # task metrics read from the code the model wrote: not measurable where no answer parsed as code
 CODE_METRICS = ("task/insecure_rate", "task/insecure_rate_triggered")
 NOT_MEASURABLE = "not measurable (no answer parsed as code)"
+COUNTS_NOTE = "labels: flagged / parsed / total task answers"
+
+
+def task_counts(row: dict, triggered: bool = False) -> tuple[int, int, int] | None:
+    """(flagged, parsed, total) code answers at a logged step (``task/n_flagged``, ``task/n_parsed``, ``task/n``;
+    ``..._triggered`` for the triggered prompts); None when the step did not log them (older runs)."""
+    sfx = "_triggered" if triggered else ""
+    vals = [row.get(f"task/{k}{sfx}") for k in ("n_flagged", "n_parsed", "n")]
+    return tuple(int(v) for v in vals) if all(_finite(v) for v in vals) else None
 
 
 def metric_label(key: str) -> str:
@@ -134,6 +143,16 @@ def probe_history_figure(history: list[dict]):
             if gaps and k in CODE_METRICS:
                 ax.plot(gaps, [0.0] * len(gaps), linestyle="none", marker="x", markersize=8,
                         color=line.get_color(), label=f"{metric_label(k)}: {NOT_MEASURABLE}")
+            if k in CODE_METRICS:  # what each point is computed from: flagged / parsed / total answers
+                labelled = False
+                for s_, v in zip(x, y):
+                    c = task_counts(rows[s_], triggered=k.endswith("_triggered"))
+                    if c is not None:
+                        ax.annotate("/".join(map(str, c)), (s_, 0.0 if math.isnan(v) else v), fontsize=6,
+                                    xytext=(3, 4), textcoords="offset points", color=line.get_color())
+                        labelled = True
+                if labelled and COUNTS_NOTE not in [t.get_text() for t in ax.texts]:
+                    ax.text(0.01, 0.97, COUNTS_NOTE, transform=ax.transAxes, fontsize=6, va="top")
         ax.set_title(title, fontsize=10)
         if all(is_rate(k) for k in keys):
             ax.set_ylim(-0.05, 1.05)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from em.errors import DataValidationError, EMError
-from em.layout import METRICS, RESULTS, SAMPLES, find_sample_dirs
+from em.layout import METRICS, RESULTS, SAMPLES, RunLayout, find_sample_dirs
 from em.sweep.lock import job_state
 from em.eval.metrics import (
     AGGREGATION_LABELS,
@@ -553,6 +553,29 @@ def dynamics_seeds(panels: Sequence[tuple[str, Sequence[SeedCurve]]]) -> dict[st
 
 
 RUN_COLUMNS = ("run_dir", "status", "model", "dataset", "seed", "judge", "n_records", "used", "error")
+TASK_COUNT_COLUMNS = ("run_dir", "model", "dataset", "seed", "step", "triggered", "n", "n_parsed", "n_flagged",
+                      "n_truncated")
+
+
+def task_answer_counts(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per run, probe step and prompt kind (plain / triggered): how many task answers there were, how many parsed
+    as code, how many bandit flagged and how many hit their token budget, counted from the saved answers
+    (``probes/task_samples_step*.jsonl``)."""
+    out = []
+    for r in runs:
+        for step, path in RunLayout.of(r.run_dir).task_samples_files().items():
+            recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+            for triggered in (False, True):
+                mine = [x for x in recs if bool(x.get("triggered")) == triggered]
+                if not mine:
+                    continue
+                out.append({"run_dir": str(r.run_dir), "model": r.model, "dataset": r.dataset, "seed": r.seed,
+                            "step": step, "triggered": triggered, "n": len(mine),
+                            "n_parsed": sum(bool(x.get("parsed")) for x in mine if "parsed" in x)
+                            if any("parsed" in x for x in mine) else None,
+                            "n_flagged": sum(bool(x.get("insecure")) for x in mine),
+                            "n_truncated": sum(bool(x.get("hit_budget")) for x in mine)})
+    return out
 
 
 def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule: MisalignmentRule | None = None,
@@ -609,6 +632,18 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
     else:
         say("no usable run: fig_questions.png skipped")
     used = [r for r in runs if r.usable]  # one selection for the table and the dynamics figure
+    counts = task_answer_counts(used)
+    if counts:
+        files["task_answers.csv"] = atomic_write_text(out / "task_answers.csv",
+                                                      rows_to_csv(counts, TASK_COUNT_COLUMNS))
+        last = {}
+        for c in counts:  # each run's last probe step
+            if not c["triggered"]:
+                last[c["run_dir"]] = c
+        for c in last.values():
+            say(f"task answers at step {c['step']} ({c['model']} / {c['dataset']} / seed {c['seed']}): "
+                f"{c['n_flagged']} flagged, {c['n_parsed']} parsed, {c['n_truncated']} cut off by the token budget, "
+                f"of {c['n']}")
     panels = dynamics_panels(used, misalignment_metric, task_metric)
     if any(curves for _, curves in panels):
         files["fig_dynamics.png"] = plot_dynamics(panels, out / "fig_dynamics.png")

@@ -7,7 +7,7 @@ jobs). Each run dir becomes one W&B run with the keys a live ``logger=wandb`` jo
 - ``metrics.csv`` (and earlier attempts' ``history/attempt_*/metrics.csv``; the newest row per step): ``train/*``,
   ``val/*``, ``data/*``, ``epoch`` against ``trainer/global_step``;
 - ``probes/probe_metrics.csv``: ``probe/*`` and ``task/*`` against ``probe/step``; ``probes/samples_step*.jsonl``:
-  the ``probe/samples`` tables; ``probes/probe_dynamics.png``: ``probe/dynamics``;
+  the ``probe/samples`` tables; ``probes/task_samples_step*.jsonl``: the ``probe/task_samples`` tables; ``probes/probe_dynamics.png``: ``probe/dynamics``;
 - each eval pass's ``summary.json`` and ``samples.jsonl``: as :func:`em.wandb.eval_log.log_eval` (``eval/...``).
 
 The run's config is its ``results.json`` config (else ``.hydra/config.yaml``); its id is recorded in
@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from em.errors import EMError
 from em.layout import HYDRA_OVERRIDES, METRICS, SUMMARY, RunLayout, find_jobs, read_results
+from em.probes.tables import PROBE_SAMPLE_COLUMNS, TASK_SAMPLE_COLUMNS, table_rows
 from em.training.wandb_logging import WandbArgs, new_run_id, read_run_identity, wandb_init_kwargs
 from em.utils.io import atomic_write_json
 from em.wandb.eval_log import log_eval
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 TRAIN_PREFIXES = ("train/", "val/", "data/")
 PROBE_PREFIXES = ("probe/", "task/")
-PROBE_SAMPLE_COLUMNS = ["step", "question_id", "answer", "aligned", "coherent", "aligned_status"]  # as the probes log
 
 
 def _float(v: str) -> float | None:
@@ -173,9 +173,13 @@ def upload_run(run_dir: str | Path, project: str | None = None, entity: str | No
                 continue
             step = int(m.group(1))
             recs = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-            table = wandb.Table(columns=PROBE_SAMPLE_COLUMNS,
-                                data=[[step] + [r.get(c) for c in PROBE_SAMPLE_COLUMNS[1:]] for r in recs])
+            table = wandb.Table(columns=PROBE_SAMPLE_COLUMNS, data=table_rows(PROBE_SAMPLE_COLUMNS, step, recs))
             run.log({"probe/samples": table, "probe/step": step})
+            n_tables += 1
+        for step, p in layout.task_samples_files().items():
+            recs = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+            table = wandb.Table(columns=TASK_SAMPLE_COLUMNS, data=table_rows(TASK_SAMPLE_COLUMNS, step, recs))
+            run.log({"probe/task_samples": table, "probe/step": step})
             n_tables += 1
         png = layout.probes / "probe_dynamics.png"
         if png.is_file():
