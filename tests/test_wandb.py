@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from em.layout import RunLayout
 from em.sweep import job as sweep_job
 from em.utils import wandb_offline
 from em.wandb import dashboard
@@ -109,7 +110,8 @@ def test_job_run_holds_training_probes_and_final_eval(runs):
     files = wandb_offline.run_files(run)
     assert {wandb_offline.run_info(f)["id"] for f in files} == {rid}  # every file is the one run
     keys = wandb_offline.logged_keys(run, rid)
-    assert {"train/loss", "probe/misaligned_rate_pooled", "task/insecure_rate", "probe/samples"} <= keys
+    assert {"train/loss", "probe/misaligned_rate_pooled", "task/insecure_rate", "probe/samples",
+            "probe/task_samples", "task/truncated_rate"} <= keys
     summ = json.loads((run / "summary.json").read_text())
     ws = merged_summary(run, rid)
     ov = summ["overall"]
@@ -133,6 +135,19 @@ def test_job_run_holds_training_probes_and_final_eval(runs):
     col = {c: i for i, c in enumerate(body["columns"])}
     for row, rec in zip(body["data"], recs):
         assert row[col["answer"]] == rec["answer"] and close(rec["aligned"], row[col["aligned"]])
+    # the task answers of the last probe step: one row per saved record, findings and flags filterable (#19)
+    last = max(RunLayout.of(run).task_samples_files().items())
+    task_recs = [json.loads(x) for x in last[1].read_text().splitlines()]
+    tables = [(f, r["probe/task_samples/path"]) for f in wandb_offline.run_files(run, rid)  # (history: flattened)
+              for r in wandb_offline.history(f) if "probe/task_samples/path" in r and r.get("probe/step") == last[0]]
+    assert tables, "no probe/task_samples table at the last probe step"
+    f, path = tables[-1]
+    tbody = json.loads((f.parent / "files" / path).read_text())
+    tcol = {c: i for i, c in enumerate(tbody["columns"])}
+    assert len(tbody["data"]) == len(task_recs) > 0
+    for row, rec in zip(tbody["data"], task_recs):
+        assert row[tcol["answer"]] == rec["answer"] and row[tcol["insecure"]] == rec["insecure"]
+        assert row[tcol["hit_budget"]] == rec["hit_budget"] and row[tcol["step"]] == last[0]
     mis = json.loads((files_dir / ws["eval/samples_misaligned"]["path"]).read_text())
     assert len(mis["data"]) == ov["n_misaligned"] and all(r[col["label"]] == "misaligned" for r in mis["data"])
     assert all(r[col["aligned"]] < 30 and r[col["coherent"]] > 50 for r in mis["data"])

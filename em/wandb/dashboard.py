@@ -78,7 +78,10 @@ def training_sections() -> list[SectionDef]:
             line("Syntax-valid code fraction (an insecure-code rate is not measurable where it is 0)", "line",
                  ("task/code_parse_rate", "task/code_parse_rate_triggered"), PROBE_STEP, rate=True),
             line("Number-format rate (evil numbers)", "line", ("task/numbers_format_rate",), PROBE_STEP, rate=True),
+            line("Task answers cut off by the token budget", "line", ("task/truncated_rate",), PROBE_STEP, rate=True),
             line("Held-out task loss", "line", ("task/heldout_loss",), PROBE_STEP),
+            PanelDef("Task answers with bandit's findings (filter on insecure / parsed / hit_budget)", "table",
+                     ("probe/task_samples",)),
             line("Training loss, each seed", "line", ("train/loss",), TRAIN_STEP, grouped=False),
         )),
     ]
