@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,30 @@ def test_slurm_launcher_off_cluster_is_a_clear_error(tmp_path):
                        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "sbatch" in r.stderr and "em plan" in r.stderr
+
+
+def test_the_sweep_forecast_counts_each_eval_pass_and_its_judge_cost(tmp_path):
+    """The eval part of a job's forecast: answers (paraphrases x samples), the token bound, one judge call per judge
+    prompt and answer, and the API cost at the judge model's list price, for every eval pass (#16.5)."""
+    qfile = tmp_path / "q.yaml"
+    judge_prompts = {"aligned": "A" * 400 + " {question} {answer}", "coherent": "C" * 800 + " {question} {answer}"}
+    qfile.write_text(json.dumps([
+        {"id": f"q{i}", "type": "free_form_judge_0_100", "paraphrases": ["P one?", "P two?", "P three?"],
+         "samples_per_paraphrase": 2, "judge": "gpt-4o-mini", "judge_prompts": judge_prompts} for i in range(2)]))
+    [job] = expand([f"eval.questions=[{qfile}]", "eval.sampling.max_new_tokens=50", "judge=openai",
+                    "judge.model=gpt-4o-mini", "sweep.eval_variants=[{name:eval},{name:eval_triggered,eval:{"
+                    "trigger:'|T|'}}]", f"paths.output_root={tmp_path}"])
+    p = plan_job(job)
+    assert p.checks == "ok", p.checks
+    assert [e.name for e in p.evals] == ["eval", "eval_triggered"]
+    answers = 2 * 3 * 2                      # questions x paraphrases x samples
+    calls = answers * 2                      # two judge prompts each
+    per_answer = sum(-(-len(t) // 4) + 50 for t in judge_prompts.values())  # ~4 chars/token + a full answer
+    prompt_tokens = answers * per_answer
+    cost = (prompt_tokens * 0.15 + calls * 0.60) / 1e6  # gpt-4o-mini list price per 1M tokens
+    for e in p.evals:
+        assert (e.answers, e.judge_calls, e.max_new_tokens) == (answers, calls, 50)
+        assert e.cost_usd == pytest.approx(cost)
+    text = format_plan([p])
+    assert f"eval eval_triggered: {answers} answers (<= {answers * 50} tokens" in text
+    assert f"eval: {2 * answers} answers, {2 * calls} judge calls" in text

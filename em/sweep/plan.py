@@ -13,12 +13,12 @@ the network. Data files are read when present, to count rows and tokens.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -31,8 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 import em.schemas  # noqa: F401  (registers the config schemas)
 from em.data.loading import load_rows
 from em.errors import EMError
+from em.eval.forecast import estimate_tokens
+from em.eval.judge.openai import DEFAULT_PRICES
+from em.eval.run import load_eval_questions
 from em.layout import read_results
 from em.schemas import check_config
+from em.sweep.config import EvalVariant
 from em.sweep.job import check_launch, register_resolvers
 from em.training.config import batch_plan
 from em.training.forecast import TrainForecast, duration, forecast_training, setting_key
@@ -45,6 +49,61 @@ LAUNCHER_KEYS = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "m
 
 
 @dataclass
+class EvalPlan:
+    """One evaluation pass of a job: answers to sample, tokens, judge calls and their API cost."""
+
+    name: str
+    answers: int | None = None
+    max_new_tokens: int = 0
+    judge_calls: int | None = None
+    judge: str = "?"
+    cost_usd: float | None = None
+    """None: not an API judge with a known price."""
+    note: str = ""
+
+    def line(self) -> str:
+        if self.answers is None:
+            return f"eval {self.name}: ? ({self.note})"
+        cost = f", ~${self.cost_usd:,.2f}" if self.cost_usd is not None else ""
+        return (f"eval {self.name}: {self.answers:,} answers (<= {self.answers * self.max_new_tokens:,} tokens, "
+                f"{self.max_new_tokens} max each), {self.judge_calls:,} judge calls ({self.judge}){cost}"
+                + (f"; {self.note}" if self.note else ""))
+
+
+def plan_eval(cfg: DictConfig, variant: EvalVariant) -> EvalPlan:
+    """What one eval pass will ask for, from its questions (read here, no model): answers, token budget, judge
+    calls (every judge prompt a question declares, per answer) and, for an API judge with a known price, its
+    cost (judge prompts at ~4 characters per token plus a full-length answer, one completion token)."""
+    p = EvalPlan(name=variant.name)
+    ev = OmegaConf.merge(cfg.eval, OmegaConf.create(dict(variant.eval or {})))
+    try:
+        questions = load_eval_questions(OmegaConf.to_container(ev, resolve=True))
+    except EMError as err:
+        p.note = f"questions not found here: {str(err).splitlines()[0][:100]}"
+        return p
+    p.max_new_tokens = int(ev.sampling.max_new_tokens)
+    judge = OmegaConf.to_container(cfg.judge, resolve=True) if cfg.get("judge") else {}
+    target = str(judge.get("_target_", ""))
+    model = str(judge.get("model") or judge.get("model_name_or_path") or target.rsplit(".", 1)[-1] or "?")
+    p.judge = model
+    p.answers, p.judge_calls, prompt_tokens = 0, 0, 0
+    for q in questions:
+        n = len(q.expand())
+        p.answers += n
+        p.judge_calls += n * len(q.judge_prompts)
+        prompt_tokens += n * sum(estimate_tokens(t) + p.max_new_tokens for t in q.judge_prompts.values())
+    if target.endswith("OpenAIJudge"):
+        price = (judge.get("price_prompt_per_1m"), judge.get("price_completion_per_1m"))
+        if None in price:
+            price = DEFAULT_PRICES.get(model, (None, None))
+        if None not in price:
+            p.cost_usd = (prompt_tokens * price[0] + p.judge_calls * price[1]) / 1e6
+        else:
+            p.note = f"no list price for {model}: set judge.price_prompt_per_1m / price_completion_per_1m"
+    return p
+
+
+@dataclass
 class JobPlan:
     overrides: list[str]
     run_dir: str | None = None
@@ -52,6 +111,7 @@ class JobPlan:
     batch: str | None = None
     checks: str = "ok"
     forecast: TrainForecast | None = None
+    evals: list[EvalPlan] = field(default_factory=list)
     done: bool = False
     """Already done: the sweep skips it (not counted in the totals)."""
 
@@ -129,13 +189,15 @@ def plan_job(job_overrides: list[str], config: str = "sweep") -> JobPlan:
         model = typed["model"]
         key = setting_key(model.name_or_path or model.name, "gpu" if slurm else trainer.accelerator,
                           resolve_precision(trainer.precision), world)
+        if config == "sweep":
+            p.evals = [plan_eval(cfg, v) for v in typed["sweep"].eval_variants]
         p.forecast = forecast_training(rows=n_rows, mean_tokens=mean, tokens_note=note,
                                        global_batch=data.global_batch_size, micro_batch=micro, accumulation=accum,
                                        world=world, max_steps=trainer.max_steps, max_epochs=trainer.max_epochs,
                                        throughput_key=key)
     except EMError as err:
         p.checks = f"ERROR: {err}"
-    except Exception as err:  # noqa: BLE001 - a composition error of one job is that job's result
+    except Exception as err:
         p.checks = f"ERROR: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return p
 
@@ -160,6 +222,7 @@ def format_plan(plans: list[JobPlan], brief: bool = False) -> str:
     lines = [f"== forecast: {len(plans)} job(s) ==" if brief else
              f"== plan: {len(plans)} job(s); nothing is run or submitted =="]
     total_steps, total_tokens, total_wall, unknown_wall = 0, 0, 0.0, 0
+    total_answers, total_calls, total_cost = 0, 0, 0.0
     for i, p in enumerate(plans):
         if p.done:
             lines.append(f"[{i}] {' '.join(p.overrides) or '(no overrides)'}: done, skipped ({p.run_dir})")
@@ -179,11 +242,19 @@ def format_plan(plans: list[JobPlan], brief: bool = False) -> str:
                 total_wall += p.forecast.est_wall_s
             else:
                 unknown_wall += 1
+        for e in p.evals:
+            lines.append(f"    {e.line()}")
+            total_answers += e.answers or 0
+            total_calls += e.judge_calls or 0
+            total_cost += e.cost_usd or 0.0
     errors = sum(p.checks.startswith("ERROR") for p in plans)
     todo = sum(not p.done for p in plans)
     lines.append(f"== total: {len(plans)} job(s) ({todo} to run), {errors} with errors; {total_steps:,} optimizer steps, "
                  f"~{total_tokens:,} tokens to train; training wall time ~{duration(total_wall) if total_wall else '?'}"
-                 + (f" (+ {unknown_wall} job(s) with no recorded throughput)" if unknown_wall else "") + " ==")
+                 + (f" (+ {unknown_wall} job(s) with no recorded throughput)" if unknown_wall else "")
+                 + (f"; eval: {total_answers:,} answers, {total_calls:,} judge calls"
+                    + (f", ~${total_cost:,.2f} of API judging" if total_cost else "") if total_answers else "")
+                 + " ==")
     return "\n".join(lines)
 
 
@@ -194,7 +265,7 @@ class SweepForecast(Callback):
         hydra_cfg = HydraConfig.instance().cfg
         try:
             plans = [plan_job(j) for j in expand(list(config.hydra.overrides.task))]
-        except Exception as err:  # noqa: BLE001 - a forecast must never stop a sweep
+        except Exception as err:
             print(f"[em.sweep] (no forecast: {type(err).__name__}: {err})", flush=True)
             return
         finally:
@@ -210,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = "train" if args.train else "sweep"
     try:
         jobs = expand(args.overrides, config)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"em: error: cannot expand the sweep: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     plans = [plan_job(j, config) for j in jobs]
