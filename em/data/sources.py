@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from em.data.mini import KINDS as MINI_KINDS
 from em.data.mini import build_mini
@@ -190,6 +191,21 @@ def cache_path(rel_path: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
 def _cache_root(reg: Registry, cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else em_cache_dir() / "data" / reg.commit
+
+
+def paper_dir() -> str:
+    """``${em.paper_dir:}``: where the paper's files are for configs that name one by path: ``$EM_DATA_DIR``, else
+    the em cache's verified copy (``em data fetch`` / a first use downloads there)."""
+    d = os.environ.get("EM_DATA_DIR")
+    return str(Path(d).expanduser()) if d else str(_cache_root(load_registry(), None))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("em.paper_dir"):
+        OmegaConf.register_new_resolver("em.paper_dir", paper_dir)
+
+
+register_resolvers()
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> Path | None:
