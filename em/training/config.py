@@ -1,7 +1,7 @@
 """Typed config sections of training: the Lightning ``Trainer`` arguments and training's own callbacks.
 
 These dataclasses are the schemas of ``conf/trainer/*.yaml`` and of the ``checkpoint`` / ``weights`` entries of
-``conf/callbacks/*.yaml`` (registered with Hydra by :mod:`em.configs`): their defaults are the only defaults,
+``conf/callbacks/*.yaml`` (registered with Hydra by :mod:`em.schemas`): their defaults are the only defaults,
 the YAML files state what differs, and an unknown key is an error that names it.
 """
 
