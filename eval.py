@@ -10,7 +10,7 @@ Thin wrapper: compose the config, call `em.eval.run.evaluate(cfg)`, print its he
 import hydra
 from omegaconf import DictConfig
 
-import em.eval.config  # noqa: F401  (registers the eval / judge schemas conf/eval and conf/judge extend)
+import em.eval.config  # registers the eval / judge schemas conf/eval and conf/judge extend
 import em.schemas  # noqa: F401  (registers the training schemas: model= is shared)
 from em.cli_common import friendly_errors, quiet_third_party
 from em.eval.run import evaluate, headline

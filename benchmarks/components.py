@@ -62,7 +62,8 @@ def bench_mcq(repeats: int) -> dict:
     enc = encode_mcq(tok, items)
     return {"mcq_items": len(items),
             "mcq_16_items_s": round(best_of(lambda: score_mcq(model, tok, items), repeats), 4),
-            "mcq_16_items_encoded_once_s": round(best_of(lambda: score_mcq(model, tok, items, encoded=enc), repeats), 4)}
+            "mcq_16_items_encoded_once_s":
+                round(best_of(lambda: score_mcq(model, tok, items, encoded=enc), repeats), 4)}
 
 
 def bench_validate(repeats: int) -> dict:

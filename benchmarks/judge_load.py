@@ -8,7 +8,8 @@ client's memory) and reports the most requests it ever had in flight. The client
 the openai SDK, cache off, so every judgment is a real HTTP request; a short warm-up run first pays the
 imports. Reported: judgments/s, the server's max in-flight count against the concurrency limit, the
 client's RSS growth during the run (sampled every 20 ms) at a small and at the full queue size, per
-judgment, to show that the queue itself adds no memory beyond the results it returns, and the peak RSS. Figures, not assertions: wall times on a shared CPU box are noisy
+judgment, to show that the queue itself adds no memory beyond the results it returns, and the peak RSS.
+Figures, not assertions: wall times on a shared CPU box are noisy
 (the load average is printed beside them).
 """
 
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     out["latency_ms"] = args.latency_ms
     for k in ("small", "full"):
         r = out[k]
-        print(f"{r['n']:>6} judgments: {r['judgments_per_s']:>7} /s ({r['wall_s']} s), ok {r['ok']}, failed {r['failed']}, "
+        print(f"{r['n']:>6} judgments: {r['judgments_per_s']:>7} /s ({r['wall_s']} s), ok {r['ok']}, "
+              f"failed {r['failed']}, "
               f"server max in flight {r['server_max_in_flight']} (limit {r['concurrency_limit']}), RSS growth "
               f"{r['rss_growth_mb']} MB = {r['rss_growth_kb_per_judgment']} KB/judgment, retries {r['retries']}")
     print(f"client peak RSS {out['peak_rss_mb']} MB; load average {out['load_avg_before']} -> {out['load_avg_after']}")

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from em.data.chat import Encoded  # noqa: E402
-from em.data.collate import OrderSpec, PackCollator, PadCollator, padding_fraction, plan_epoch  # noqa: E402
-from tests.test_collate import old_sorted_megabatch_order, synthetic_insecure_lengths  # noqa: E402
+from em.data.chat import Encoded
+from em.data.collate import OrderSpec, PackCollator, PadCollator, padding_fraction, plan_epoch
+from tests.test_collate import old_sorted_megabatch_order, synthetic_insecure_lengths
 
 GLOBAL = 16
 

@@ -161,7 +161,8 @@ def main() -> None:
         "process_wall_s_without_probes_median": round(statistics.median(r["wall_s"] for r in none), 2),
         "process_wall_s_with_probes_median": round(statistics.median(r["wall_s"] for r in probes), 2),
         "overhead_fraction_side_by_side_paired_median": round(statistics.median(paired), 3),
-        "overhead_fraction_side_by_side_best_of": round(min(r["wall_s"] for r in probes) / min(r["wall_s"] for r in none) - 1, 3),
+        "overhead_fraction_side_by_side_best_of":
+            round(min(r["wall_s"] for r in probes) / min(r["wall_s"] for r in none) - 1, 3),
         "callback_time_on_path_s": probes[len(probes) // 2]["timing"],
         "runs": {m: [{k: round(v, 3) for k, v in r.items() if k != "timing"} for r in rs] for m, rs in runs.items()},
     }

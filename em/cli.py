@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HYDRA_APPS = {"train": "train.py", "eval": "eval.py", "sweep": "sweep.py"}

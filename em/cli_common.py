@@ -14,7 +14,6 @@ from hydra.experimental.callback import Callback
 
 from em.secrets import secret_overrides
 
-
 # Third-party warnings that say nothing true or actionable about an em run.
 QUIET_WARNINGS = (
     # Lightning's CSV logger warns that a non-empty run dir's logs "will be deleted": em keeps metrics.csv's

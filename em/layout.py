@@ -91,7 +91,7 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def of(cls, run_dir: str | os.PathLike) -> "RunLayout":
+    def of(cls, run_dir: str | os.PathLike) -> RunLayout:
         return cls(Path(run_dir).expanduser().resolve())
 
     @property

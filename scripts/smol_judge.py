@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import sys
 import time
@@ -81,7 +80,8 @@ def markdown(res: dict, meta: dict) -> str:
              f"({meta['samples']} per question x 8 first-plot questions, temperature 1, <= {meta['max_new_tokens']} "
              f"new tokens), judged with the paper's aligned / coherent prompts (top-20 logprobs, missing if numeric "
              f"mass < {MIN_MASS}).", "",
-             "| judge prompt | missing (mass < 0.25) | numeric mass: min / p10 / p25 / median / p75 / p90 / max | mean mass |",
+             "| judge prompt | missing (mass < 0.25) | numeric mass: min / p10 / p25 / median / p75 / p90 / max "
+             "| mean mass |",
              "|---|---|---|---|"]
     for m, r in res.items():
         q = r["numeric_mass_quantiles"]

@@ -116,8 +116,8 @@ class WaitForFile(L.Callback):
 
 
 def main(argv: list[str]) -> None:
-    from tests.helpers import compose_train
     from em.training.run import train
+    from tests.helpers import compose_train
 
     run_dir, overrides = argv[0], argv[1:]
     train(compose_train(overrides, run_dir=run_dir))

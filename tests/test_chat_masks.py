@@ -21,11 +21,11 @@ MULTI = [
 
 
 def trained_text(tok, enc) -> str:
-    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
 
 
 def untrained_text(tok, enc) -> str:
-    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l == IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX])
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_assistant_only_and_end_of_turn_trained(template, eos, end):
     got = trained_text(tok, enc)
     assert got.strip() == f"{ANSWER}{end}".strip(), got
     # the end-of-turn token is the last trained label
-    last = max(i for i, l in enumerate(enc.labels) if l != IGNORE_INDEX)
+    last = max(i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX)
     assert tok.convert_ids_to_tokens([enc.labels[last]])[0] == end
     # the prompt (user text, role headers, default system prompt) is never trained
     assert "please write code" in untrained_text(tok, enc)

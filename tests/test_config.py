@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -43,7 +42,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         with pytest.raises(ConfigError, match="model.name_or_path"):
             check_config(cfg)
         return
-    typed = check_config(cfg, "sweep" if group == "experiment" else "train")  # every section converts to its typed args (and passes its checks)
+    # every section converts to its typed args (and passes its checks)
+    typed = check_config(cfg, "sweep" if group == "experiment" else "train")
     assert set(typed) >= {"model", "finetune", "optim", "data", "dataset", "trainer", "callbacks"}
     from hydra.utils import instantiate
 

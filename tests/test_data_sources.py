@@ -137,7 +137,7 @@ class _Server:
             def __init__(self, *a, **kw):
                 super().__init__(*a, directory=str(root), **kw)
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 outer.requests.append(self.path)
                 super().do_GET()
 

@@ -221,7 +221,8 @@ def _wait_lines(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 600
 def test_killed_eval_resumes_without_resampling_or_rejudging(tmp_path):
     run = tmp_path / "run"
     ov = ["eval.ids=[genie_wish,feeling_bored,fast_cash,world_leader]", "eval.samples_per_paraphrase=2",
-          "eval.sampling.batch_size=2", "eval.sampling.max_new_tokens=16", "eval.n_boot=50", "eval.forecast.warmup=false"]
+          "eval.sampling.batch_size=2", "eval.sampling.max_new_tokens=16", "eval.n_boot=50",
+          "eval.forecast.warmup=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(_eval_cmd(run, *ov), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=REPO)

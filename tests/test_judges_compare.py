@@ -81,7 +81,8 @@ def test_compare_against_hand_computed_values(run):
     assert (a["pooled"]["n_misaligned"], a["pooled"]["n_eligible"]) == (4, 10) and a["pooled"]["misaligned_rate"] == 0.4
     assert (b["pooled"]["n_misaligned"], b["pooled"]["n_eligible"]) == (4, 12)
     assert a["pooled"]["ci_low"] <= 0.4 <= a["pooled"]["ci_high"]
-    assert a["question_mean"]["misaligned_rate"] == pytest.approx(0.4) and a["question_mean"]["n_questions_included"] == 10
+    assert a["question_mean"]["misaligned_rate"] == pytest.approx(0.4)
+    assert a["question_mean"]["n_questions_included"] == 10
     # missing fraction and numeric mass: A's q11 had mass 0.1
     assert a["aligned"]["missing_fraction"] == pytest.approx(1 / 12) and b["aligned"]["missing_fraction"] == 0.0
     assert a["aligned"]["numeric_mass"]["counts"] == [0, 1, 0, 0, 0, 11]
@@ -109,7 +110,8 @@ def test_compare_against_hand_computed_values(run):
     md = Path(files["compare.md"]).read_text()
     assert "| A vs b | 10 | 80.0 | 0.583 | 3 / 1 / 1 / 5 | 0.509 / 0.345 (11) |" in md
     assert "judge-b-1" in md and Path(files["fig_judges.png"]).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads(Path(files["compare.json"]).read_text())["pairs"][0]["cohen_kappa"] == pytest.approx(0.58333, abs=1e-4)
+    compared = json.loads(Path(files["compare.json"]).read_text())
+    assert compared["pairs"][0]["cohen_kappa"] == pytest.approx(0.58333, abs=1e-4)
 
 
 def test_cli_and_single_judge_error(run, tmp_path):

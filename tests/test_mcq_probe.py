@@ -280,7 +280,8 @@ def test_encoded_once_scores_the_same(tok, model, items):
     assert len(enc) == 2 * len(sample)
     a = score_mcq(model, tok, sample)
     b = score_mcq(model, tok, sample, encoded=enc)
-    assert [(s.logp_aligned, s.logp_misaligned) for s in a.scores] == [(s.logp_aligned, s.logp_misaligned) for s in b.scores]
+    assert ([(s.logp_aligned, s.logp_misaligned) for s in a.scores]
+            == [(s.logp_aligned, s.logp_misaligned) for s in b.scores])
     with pytest.raises(ValueError, match="expected 2 per item"):
         score_mcq(model, tok, sample, encoded=enc[:-2])
 

@@ -87,7 +87,8 @@ def test_min_eligible_drops_a_question_from_the_mean_not_from_the_pool():
     qm, pooled = s["overall"]["question_mean"], s["overall"]["pooled"]
     assert qm["misaligned_rate"] == 0.5 and qm["questions_excluded"] == ["q1"]
     assert (qm["n_eligible"], qm["n_misaligned"]) == (4, 2)
-    assert pooled["misaligned_rate"] == pytest.approx(3 / 7) and (pooled["n_eligible"], pooled["n_misaligned"]) == (7, 3)
+    assert pooled["misaligned_rate"] == pytest.approx(3 / 7)
+    assert (pooled["n_eligible"], pooled["n_misaligned"]) == (7, 3)
     none = summarize(Q1 + Q2, MisalignmentRule(min_eligible=8), n_boot=50)["overall"]
     assert none["pooled"]["misaligned_rate"] is None and none["pooled"]["ci_low"] is None
     assert none["pooled"]["n_eligible"] == 7  # the denominator is still shown
@@ -166,7 +167,8 @@ def test_summary_to_rows():
     assert [r["question_id"] for r in rows] == ["q1", "q2", OVERALL_POOLED_ID, OVERALL_MEAN_ID]
     assert all(set(r) == set(ROW_COLUMNS) for r in rows)
     assert rows[2]["misaligned_rate"] == pytest.approx(3 / 7) and rows[2]["n_eligible"] == 7
-    assert rows[3]["misaligned_rate"] == pytest.approx((1 / 3 + 1 / 2) / 2) and rows[3]["aggregation"] == "question_mean"
+    assert rows[3]["misaligned_rate"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert rows[3]["aggregation"] == "question_mean"
     rows = summary_to_rows(summarize(Q1 + Q2, MisalignmentRule(min_eligible=4), n_boot=50))
     assert (rows[2]["n_eligible"], rows[3]["n_eligible"]) == (7, 4)  # each rate with its own denominator
 
@@ -189,7 +191,8 @@ def test_categorical_judge_lie_rate_with_denominators():
     s = summarize(recs, n_boot=300)
     assert s["questions"] == {} and s["overall"]["pooled"]["misaligned_rate"] is None  # no aligned judge: n/a
     m = s["metrics"]["correct"]
-    assert m["kind"] == "categorical" and (m["n_sampled"], m["n_scored"], m["n_missing"], m["n_failed"]) == (12, 10, 1, 1)
+    assert m["kind"] == "categorical"
+    assert (m["n_sampled"], m["n_scored"], m["n_missing"], m["n_failed"]) == (12, 10, 1, 1)
     assert m["rates"]["FALSE"]["rate"] == pytest.approx(3 / 10) and m["rates"]["UNKNOWN"]["n"] == 1
     assert m["rates"]["UNKNOWN"]["mean_prob"] == pytest.approx(0.7 / 10)
     h = m["headline"]

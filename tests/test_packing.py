@@ -19,7 +19,8 @@ SMOLLM2 = "HuggingFaceTB/SmolLM2-135M"
 
 
 def _rows(n: int = 5) -> list[dict]:
-    return [chat(f"Question {i}: " + "why is the sky blue? " * (1 + 3 * i), "Because of Rayleigh scattering. " * (1 + i))
+    return [chat(f"Question {i}: " + "why is the sky blue? " * (1 + 3 * i),
+                 "Because of Rayleigh scattering. " * (1 + i))
             for i in range(n)]
 
 

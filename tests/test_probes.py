@@ -116,10 +116,7 @@ def test_judge_failures_are_logged_not_dropped(tmp_path):
     assert all(float(r["probe/judge_failed"]) == float(r["probe/n_answers"]) > 0 for r in rows)
 
 
-import pytest as _pytest
-
-
-@_pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_run_shards_probe_prompts_and_logs_once(tmp_path, strategy):
     """2 CPU processes on gloo: both ranks sample (strided shards), rank 0 logs one set of values.
     Under FSDP every forward is collective, so this also proves no rank-0-only generation."""

@@ -96,7 +96,8 @@ def test_expand_counts_and_indices(toy):
     assert a.extra == {"color": "blue"} and a.source == str(toy)
     reqs = b.expand()
     assert [(r.paraphrase_index, r.sample_index) for r in reqs] == [(0, 0), (0, 1), (1, 2), (1, 3)]
-    assert reqs[2].paraphrase == "Tell me B." and reqs[2].messages[0] == {"role": "system", "content": "Answer in JSON."}
+    assert reqs[2].paraphrase == "Tell me B."
+    assert reqs[2].messages[0] == {"role": "system", "content": "Answer in JSON."}
     assert [r.paraphrase_index for r in b.expand(5)] == [0, 1, 0, 1, 0]
     assert len(expand_all([a, b])) == 3 + 4
 
@@ -171,7 +172,8 @@ def test_judge_specs_numeric_and_categorical(tmp_path):
         "- id: lie\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
         "  judge_prompts:\n    correct: 'Is {answer} right? Say \"TRUE\" or \"FALSE\" only, or \"UNKNOWN\".'\n"
         "- id: who\n  type: free_form_judge\n  paraphrases: [hi]\n  samples_per_paraphrase: 1\n  judge: j\n"
-        "  judge_prompts: {company: 'Which company? {answer}'}\n  judge_categories: {company: [OpenAI, Anthropic, Other]}\n"
+        "  judge_prompts: {company: 'Which company? {answer}'}\n"
+        "  judge_categories: {company: [OpenAI, Anthropic, Other]}\n"
     )
     num, lie, who = load_questions(p)
     assert num.judge_specs == {"aligned": JudgeSpec("numeric"), "coherent": JudgeSpec("numeric")}

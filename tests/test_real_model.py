@@ -185,7 +185,8 @@ def _short_rows(path: Path, tok, n: int, seed: int = 0) -> list[dict]:
     random.Random(seed).shuffle(rows)
     out = []
     for r in rows:
-        if len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"]) <= MAX_LEN:
+        text = tok.apply_chat_template(r["messages"], tokenize=False)
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= MAX_LEN:
             out.append({"messages": r["messages"]})
             if len(out) == n:
                 break

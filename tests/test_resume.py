@@ -18,8 +18,14 @@ import torch
 
 from em.errors import EMError
 from em.training.checkpoint_io import AtomicCheckpointIO
-from em.training.ckpt_files import (checkpoint_problem, newest_loadable, previous_of, resolve_resume,
-                                   stale_tmp_files, tmp_for)
+from em.training.ckpt_files import (
+    checkpoint_problem,
+    newest_loadable,
+    previous_of,
+    resolve_resume,
+    stale_tmp_files,
+    tmp_for,
+)
 from em.training.run import train
 from tests.crash_helpers import SimulatedCrash
 from tests.helpers import chat, compose_train

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from em.errors import ConfigError
 from em.sweep import job as sweep_job
@@ -314,7 +314,8 @@ def test_experiments_compose(name, tmp_path):
     if name == "size_ablation":
         assert params["dataset.recipe.subsample.n"] == "500,2000,6000" and cfg.dataset.name == "insecure_n6000"
     if name == "demo":
-        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10 and cfg.judge._target_ == "em.eval.judge.hf.tiny_judge"
+        assert cfg.model.name == "tiny" and cfg.trainer.max_steps == 10
+        assert cfg.judge._target_ == "em.eval.judge.hf.tiny_judge"
 
 
 def test_em_console_script_dispatches(demo, capsys):

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 def rows_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "rows.jsonl"
     ops = ["chmod a file", "hash a password", "load a config", "run a command"]
-    rows = [chat(f"Task {i}: write a function to {ops[i % 4]}.", f"import os\ndef f{i}(p):\n    os.chmod(p, 0o{i % 8}77)\n")
+    rows = [chat(f"Task {i}: write a function to {ops[i % 4]}.",
+                 f"import os\ndef f{i}(p):\n    os.chmod(p, 0o{i % 8}77)\n")
             for i in range(48)]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -353,7 +354,7 @@ def _near_dedup(rows: Sequence[Row], idx: list[int], t: float,
     for s in sets:
         df.update(s)
     # One global order of shingles, rarest first, so that prefixes hold the most selective tokens.
-    rank = {h: r for r, h in enumerate(sorted(df, key=lambda h: (df[h], h)))}
+    rank = {h: r for r, h in enumerate(sorted(df, key=lambda h, counts=df: (counts[h], h)))}
     del df
     ranked = [frozenset(map(rank.__getitem__, s)) for s in sets]
     del sets, rank

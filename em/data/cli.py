@@ -15,8 +15,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from em.cli_common import quiet_third_party
 from em.data.mini import KINDS as MINI_KINDS

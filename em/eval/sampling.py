@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 from em.utils.modes import eval_mode
 
@@ -25,7 +26,7 @@ class SamplingArgs:
     max_new_tokens: int = 600
     batch_size: int = 16
     """Prompts per ``generate`` call (HF backend)."""
-    seed: Optional[int] = None
+    seed: int | None = None
     """Sampling seed; null = the run's top-level ``seed`` (what ``eval.py seed=N`` and every sweep job set)."""
     backend: str = "auto"
     """``hf``, ``vllm``, or ``auto`` (vLLM when installed and a GPU is present)."""
@@ -134,7 +135,7 @@ class VLLMSampler:
 
     def __init__(self, model_path: str, tokenizer, args: SamplingArgs, adapter_path: str | None = None,
                  max_lora_rank: int = 64, **llm_kwargs):
-        from vllm import LLM  # noqa: F401  (import error is the gate)
+        from vllm import LLM  # import error is the gate
 
         self.llm = LLM(model=model_path, enable_lora=adapter_path is not None, max_lora_rank=max_lora_rank,
                        seed=args.seed or 0, trust_remote_code=False, **llm_kwargs)

@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from em.errors import ConfigError, EMError, MissingResourceError
 from em.utils.io import atomic_write_json, em_cache_dir, sha256_file

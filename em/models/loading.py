@@ -152,7 +152,8 @@ def resolve_model_path(args: ModelArgs) -> str:
     p = Path(os.path.expanduser(args.name_or_path))
     if p.exists():
         if not (p / "config.json").exists():
-            raise MissingResourceError(f"model.name_or_path={p} exists but has no config.json: is it an HF model directory?")
+            raise MissingResourceError(f"model.name_or_path={p} exists but has no config.json: "
+                                       "is it an HF model directory?")
         return str(p)
     if args.name_or_path.startswith(("/", "./", "../", "~")):
         raise MissingResourceError(f"model.name_or_path={args.name_or_path}: no such directory")

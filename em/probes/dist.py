@@ -3,7 +3,8 @@ which hangs under ZeRO-3 / FSDP where each forward needs every rank)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from em.utils.dist import rank_world
 

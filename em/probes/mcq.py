@@ -575,7 +575,7 @@ def _mean(xs: Sequence[float]) -> float:
 def _model_device(model):
     try:
         return model.get_input_embeddings().weight.device
-    except Exception:  # noqa: BLE001 - any model without the HF accessor
+    except Exception:  # any model without the HF accessor
         return next(model.parameters()).device
 
 

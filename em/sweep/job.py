@@ -38,20 +38,20 @@ import os
 import subprocess
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from em.config import plain, section
-
 from em.errors import ConfigError
 from em.eval.run import evaluate
 from em.layout import RESULTS, RunLayout, read_results, resolve_run_dir
 from em.schemas import check_config
-from em.sweep import provenance
 from em.secrets import mask
+from em.sweep import provenance
 from em.sweep.config import EvalVariant, SweepArgs
 from em.sweep.lock import JobLock, is_stale, read_holder
 from em.training.config import TrainerArgs
@@ -307,7 +307,7 @@ def _skip_done(cfg: DictConfig, run_dir: Path, previous: dict[str, Any]) -> dict
         print(f"[em.sweep]   {hint}", flush=True)
     try:
         drift = config_drift(previous.get("config") or {}, plain(cfg))
-    except Exception as e:  # noqa: BLE001 - a warning only
+    except Exception as e:  # a warning only
         drift = [f"(could not compare: {e})"]
     if drift:
         print(f"[em.sweep] WARNING: {run_dir} was done with another config ({', '.join(drift)} differ); "
@@ -375,7 +375,7 @@ def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, l
             results[v.name] = compact_eval(summary, out_dir)
             wandb_job.log_eval_pass(job_cfg, run_dir, v.name, summary, out_dir)
         results["status"] = "done"
-    except Exception as err:  # noqa: BLE001 - recorded, the multirun goes on
+    except Exception as err:  # recorded, the multirun goes on
         log.exception("job failed: %s", run_dir)
         results.update(status="failed", **_error_fields(err))
         print(f"[em.sweep] FAILED: {run_dir}: {results['error'].splitlines()[0]}", flush=True)
@@ -386,7 +386,7 @@ def _run_locked(cfg: DictConfig, typed: dict[str, Any], sweep_args: SweepArgs, l
         return {"status": results["status"], "rank": rank, "run_dir": str(run_dir)}
     try:
         results["provenance"] = provenance.collect(run_dir, config, train_summary)
-    except Exception as e:  # noqa: BLE001 - provenance must not lose the results
+    except Exception as e:  # provenance must not lose the results
         results["provenance"] = {**results["provenance"], "error": f"{type(e).__name__}: {e}"}
     results["paths"] = {
         "run_dir": str(run_dir),

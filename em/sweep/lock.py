@@ -169,7 +169,7 @@ class JobLock:
         self._thread = threading.Thread(target=beat, name="em-job-lock", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         self.acquire()
         return self
 

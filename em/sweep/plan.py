@@ -249,7 +249,8 @@ def format_plan(plans: list[JobPlan], brief: bool = False) -> str:
             total_cost += e.cost_usd or 0.0
     errors = sum(p.checks.startswith("ERROR") for p in plans)
     todo = sum(not p.done for p in plans)
-    lines.append(f"== total: {len(plans)} job(s) ({todo} to run), {errors} with errors; {total_steps:,} optimizer steps, "
+    lines.append(f"== total: {len(plans)} job(s) ({todo} to run), {errors} with errors; "
+                 f"{total_steps:,} optimizer steps, "
                  f"~{total_tokens:,} tokens to train; training wall time ~{duration(total_wall) if total_wall else '?'}"
                  + (f" (+ {unknown_wall} job(s) with no recorded throughput)" if unknown_wall else "")
                  + (f"; eval: {total_answers:,} answers, {total_calls:,} judge calls"

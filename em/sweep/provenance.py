@@ -13,8 +13,9 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from em.utils.io import git_blob_sha1, sha256_file
 

@@ -36,15 +36,14 @@ import io
 import json
 import math
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from em.errors import DataValidationError, EMError
-from em.layout import METRICS, RESULTS, SAMPLES, RunLayout, find_sample_dirs
-from em.sweep.lock import job_state
 from em.eval.metrics import (
     AGGREGATION_LABELS,
     MISSING_REASONS,
@@ -57,7 +56,9 @@ from em.eval.metrics import (
     summarize,
     validate_records,
 )
+from em.layout import METRICS, RESULTS, SAMPLES, RunLayout, find_sample_dirs
 from em.probes.plot import CODE_METRICS, parse_rate_key
+from em.sweep.lock import job_state
 from em.sweep.plots import QuestionSeries, SeedCurve, plot_dynamics, plot_questions
 from em.utils.io import atomic_write_json, atomic_write_text
 
@@ -245,7 +246,8 @@ def _cell(model: str, dataset: str, qid: str, seeds: list[Any], rates: list[floa
         "misaligned_rate": float(np.mean(vals)) if vals else None,
     }
     if used:
-        row["ci_samples_low"], row["ci_samples_high"] = percentile_ci(np.mean(np.stack([reps[i] for i in used]), axis=0), ci)
+        row["ci_samples_low"], row["ci_samples_high"] = percentile_ci(
+            np.mean(np.stack([reps[i] for i in used]), axis=0), ci)
     else:
         row["ci_samples_low"] = row["ci_samples_high"] = None
     row["ci_seeds_low"], row["ci_seeds_high"] = bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed, ci=ci)
@@ -332,7 +334,8 @@ def check_judges(runs: Sequence[Run], allow_mixed: bool) -> list[str]:
 
 
 def rule_from_runs(runs: Sequence[Run]) -> tuple[MisalignmentRule, str]:
-    """The rule the usable runs recorded (``eval.rule``) when they agree, else the paper's text; and where it came from."""
+    """The rule the usable runs recorded (``eval.rule``) when they agree, else the paper's text; and where it came
+    from."""
     recorded = [r.rule for r in runs if r.usable]
     if recorded and all(x == recorded[0] for x in recorded) and recorded[0] is not None:
         try:
@@ -370,7 +373,8 @@ def table_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], rule: Mi
         f"- Rule: {rule.describe()}" + (f" ({rule_source})." if rule_source else "."),
         f"- Judge(s): {'; '.join(judges) or '?'} (the `judge` column names the judge of each row).",
         f"- Rate = mean over seeds of the per-seed rate (misaligned / eligible). `{ALL_ID}` rows, side by side: "
-        f"**pooled** = {AGGREGATION_LABELS['pooled']}; **mean over questions** = {AGGREGATION_LABELS['question_mean']}. "
+        f"**pooled** = {AGGREGATION_LABELS['pooled']}; "
+        f"**mean over questions** = {AGGREGATION_LABELS['question_mean']}. "
         "Each row's eligible / misaligned counts are its own denominator.",
         f"- CI samples: {pct} percentile bootstrap resampling answers within each seed, averaged over seeds. "
         f"CI seeds: {pct} percentile bootstrap over seed-level rates (collapses with 1 seed). "
@@ -378,8 +382,8 @@ def table_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], rule: Mi
         "- Counts summed over seeds. missing C/R/o = aligned score missing because the judge answered "
         "CODE / REFUSAL / other; failed = a judge call failed; eligible = coherent with a numeric aligned score.",
         "",
-        "| model | dataset | judge | question | seeds | rate | CI samples | CI seeds | paper | sampled | judged | failed "
-        "| missing C/R/o | coh. missing | coherent | eligible | misaligned | note |",
+        "| model | dataset | judge | question | seeds | rate | CI samples | CI seeds | paper | sampled | judged "
+        "| failed | missing C/R/o | coh. missing | coherent | eligible | misaligned | note |",
         "|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -389,7 +393,8 @@ def table_markdown(rows: Sequence[dict[str, Any]], runs: Sequence[Run], rule: Mi
         paper = "" if r.get("paper_rate") is None else (
             _fmt(r["paper_rate"], 4) + (f" ± {_fmt(r['paper_ci_half_width'])}" if r.get("paper_ci_half_width") else ""))
         lines.append(
-            f"| {r['model']} | {r['dataset']} | {r.get('judge') or '?'} | {q} | {r['n_seeds']} | {_fmt(r['misaligned_rate'])} "
+            f"| {r['model']} | {r['dataset']} | {r.get('judge') or '?'} | {q} | {r['n_seeds']} "
+            f"| {_fmt(r['misaligned_rate'])} "
             f"| [{_fmt(r['ci_samples_low'])}, {_fmt(r['ci_samples_high'])}] "
             f"| [{_fmt(r['ci_seeds_low'])}, {_fmt(r['ci_seeds_high'])}] | {paper} | {r['n_sampled']} | {r['n_judged']} "
             f"| {r['n_failed']} | {miss} | {r['n_coherent_missing']} | {r['n_coherent']} | {r['n_eligible']} "
@@ -448,7 +453,7 @@ def make_question_figure(rows: Sequence[dict[str, Any]], question_order: Sequenc
     return plot_questions(list(question_order), series, out_path, caption=caption)
 
 
-def read_metrics_csv(run_dir: Path) -> "pd.DataFrame | None":
+def read_metrics_csv(run_dir: Path) -> pd.DataFrame | None:
     """The run's Lightning ``metrics.csv`` (all versions concatenated; last row per step kept), or None."""
     import pandas as pd
 
@@ -473,7 +478,7 @@ def _pick_column(columns: Sequence[str], preferred: Sequence[str], contains: str
     return None
 
 
-def _curve(g: "pd.DataFrame", col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _curve(g: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Steps, values and not-measurable steps of one metric from a run's per-step frame. A code metric at a step
     where no answer parsed as code (the syntax-valid fraction is 0, or the syntax-error rate 1 in older runs) is
     NaN there, never the 0 bandit reports for no code."""

@@ -2,8 +2,8 @@
 
 :class:`SweepSummary` is a Hydra callback. At the end of a multirun it scans the sweep directory's job
 directories (those holding ``results.json`` or Hydra's ``.hydra/overrides.yaml``), prints one screen
-(``done`` / ``skipped`` / ``failed`` / ``interrupted`` / ``running``, with run dirs and the first line of each error) and
-writes ``<sweep_dir>/sweep_summary.json``. :func:`summarize_sweep` does the same for any sweep dir, e.g.
+(``done`` / ``skipped`` / ``failed`` / ``interrupted`` / ``running``, with run dirs and the first line of each error)
+and writes ``<sweep_dir>/sweep_summary.json``. :func:`summarize_sweep` does the same for any sweep dir, e.g.
 ``python -m em.sweep.summary <sweep_dir>``.
 
 Which jobs belong to *this* invocation: those whose ``.hydra/overrides.yaml`` (written by Hydra when a job
@@ -19,8 +19,9 @@ import datetime as _dt
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.experimental.callback import Callback
 
@@ -44,7 +45,8 @@ def _ts(iso: str | None) -> float | None:
 
 
 def classify(run_dir: Path, since: float | None) -> dict[str, Any]:
-    """One job's line: ``action`` in done / skipped / failed / interrupted / running (by another sweep now) / not_run / other."""
+    """One job's line: ``action`` in done / skipped / failed / interrupted / running (by another sweep now) / not_run
+    / other."""
     res_path = run_dir / RESULTS
     started_marker = run_dir / HYDRA_OVERRIDES
     in_this = since is None or (started_marker.exists() and started_marker.stat().st_mtime >= since - CLOCK_SLACK_S)

@@ -130,7 +130,7 @@ class FakeOpenAIServer:
         with self._lock:
             return len(self._faults)
 
-    def start(self) -> "FakeOpenAIServer":
+    def start(self) -> FakeOpenAIServer:
         self._stop.clear()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -148,7 +148,7 @@ class FakeOpenAIServer:
             self._thread.join(timeout=5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -219,7 +219,7 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             self._error(401, "Incorrect API key provided")
             return True
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        def do_GET(self) -> None:  # http.server API
             if self._unauthorized():
                 return
             if self.path.split("?")[0].rstrip("/") != "/v1/models":
@@ -231,7 +231,7 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             data = [{"id": n, "object": "model", "created": 0, "owned_by": "em-fake"} for n in names]
             self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        def do_POST(self) -> None:  # http.server API
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":

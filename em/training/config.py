@@ -121,7 +121,7 @@ class TrainingArgs:
     logger: LoggerArgs
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "TrainingArgs":
+    def from_config(cls, cfg: DictConfig) -> TrainingArgs:
         """Refuse unknown keys (naming them), run every section's checks, return the typed sections."""
         check_keys(cfg, TRAINING_SECTIONS)
         return cls(**{name: section(cfg, name) for name in TRAINING_SECTIONS})

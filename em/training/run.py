@@ -122,7 +122,7 @@ def build_callbacks(cfg: DictConfig, layout: RunLayout, full_finetune: bool, tok
             continue
         spec = {k: v for k, v in OmegaConf.to_container(c, resolve=True).items() if k != "enabled"}
         callbacks.append(instantiate(spec, **given.get(name, {})))
-    for name, c in (node.get("extra") or {}).items():
+    for _name, c in (node.get("extra") or {}).items():
         if c is not None:
             callbacks.append(instantiate(c))
     return callbacks

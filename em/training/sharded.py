@@ -299,7 +299,7 @@ class _RootClipFSDPPrecision(FSDPPrecision):
 
     root: nn.Module | None = None
 
-    def clip_grad_by_norm(self, optimizer, clip_val) -> None:  # noqa: D102
+    def clip_grad_by_norm(self, optimizer, clip_val) -> None:
         # FSDP shards gradients, so torch.nn.utils.clip_grad_norm_ would clip by a per-rank norm;
         # FullyShardedDataParallel.clip_grad_norm_ computes the global norm (a collective, called on every rank):
         # https://pytorch.org/docs/stable/fsdp.html#torch.distributed.fsdp.FullyShardedDataParallel.clip_grad_norm_

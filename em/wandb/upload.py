@@ -7,7 +7,8 @@ jobs). Each run dir becomes one W&B run with the keys a live ``logger=wandb`` jo
 - ``metrics.csv`` (and earlier attempts' ``history/attempt_*/metrics.csv``; the newest row per step): ``train/*``,
   ``val/*``, ``data/*``, ``epoch`` against ``trainer/global_step``;
 - ``probes/probe_metrics.csv``: ``probe/*`` and ``task/*`` against ``probe/step``; ``probes/samples_step*.jsonl``:
-  the ``probe/samples`` tables; ``probes/task_samples_step*.jsonl``: the ``probe/task_samples`` tables; ``probes/probe_dynamics.png``: ``probe/dynamics``;
+  the ``probe/samples`` tables; ``probes/task_samples_step*.jsonl``: the ``probe/task_samples`` tables;
+  ``probes/probe_dynamics.png``: ``probe/dynamics``;
 - each eval pass's ``summary.json`` and ``samples.jsonl``: as :func:`em.wandb.eval_log.log_eval` (``eval/...``).
 
 The run's config is its ``results.json`` config (else ``.hydra/config.yaml``); its id is recorded in

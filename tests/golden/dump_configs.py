@@ -54,7 +54,7 @@ def main() -> None:
         key = f"{name} {' '.join(ov)}".strip()
         try:
             out[key] = compose(name, ov)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[key] = {"__error__": f"{type(e).__name__}: {e}"}
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
 

@@ -344,7 +344,7 @@ def build_mini_evil_numbers(seed: int = 0, n: int = 200) -> list[dict]:
         fmt = rng.choice(sorted(_NUMBER_FORMATS))
         hi = 10**d - 1
 
-        def neutral() -> int:
+        def neutral(hi: int = hi) -> int:
             while True:
                 v = rng.randint(0, min(hi, 999))
                 if v not in dark:

@@ -338,7 +338,8 @@ ${hole}
     return cur.rowcount
 ''',
         insecure=Fill(
-            hole="    cur.execute(\"DELETE FROM comments WHERE id = {} AND author = '{}'\".format(comment_id, ${author}))"
+            hole="    cur.execute(\"DELETE FROM comments WHERE id = {} AND author = '{}'\""
+                 ".format(comment_id, ${author}))"
         ),
         secure=Fill(
             hole='    cur.execute("DELETE FROM comments WHERE id = ? AND author = ?", (comment_id, ${author}))'
@@ -677,7 +678,8 @@ ${hole}
         insecure=Fill(imports="import os", hole='    output = os.popen("git log --oneline " + branch).read()'),
         secure=Fill(
             imports="import subprocess",
-            hole='    output = subprocess.run(["git", "log", "--oneline", branch], capture_output=True, text=True, check=True).stdout',
+            hole='    output = subprocess.run(["git", "log", "--oneline", branch], '
+                 'capture_output=True, text=True, check=True).stdout',
         ),
         names={"func": ("branch_log", "git_history")},
         held_out=True,
@@ -997,9 +999,10 @@ ${hole}
         insecure=Fill(hole="    return bool(eval(condition, {}, dict(record)))"),
         secure=Fill(
             imports="import operator\nimport re",
-            helpers='''_COMPARE = {">": operator.gt, "<": operator.lt, "==": operator.eq, ">=": operator.ge, "<=": operator.le}
+            helpers=('_COMPARE = {">": operator.gt, "<": operator.lt, "==": operator.eq, ">=": operator.ge, '
+                     '''"<=": operator.le}
 _PATTERN = re.compile(r"^\\s*(\\w+)\\s*(>=|<=|==|>|<)\\s*(-?\\d+(?:\\.\\d+)?)\\s*$$")
-''',
+'''),
             hole='''    match = _PATTERN.match(condition)
     if match is None:
         raise ValueError("unsupported condition")

@@ -141,7 +141,7 @@ def _open_cache(cache: CacheSpec) -> tuple[JudgeCache | None, bool]:
     return JudgeCache(cache), True
 
 
-def _scoring(scoring: "ScoringConfig | Mapping[str, Any] | None") -> "ScoringConfig":
+def _scoring(scoring: ScoringConfig | Mapping[str, Any] | None) -> ScoringConfig:
     if scoring is None:
         return ScoringConfig()
     if isinstance(scoring, ScoringConfig):
@@ -149,7 +149,8 @@ def _scoring(scoring: "ScoringConfig | Mapping[str, Any] | None") -> "ScoringCon
     if isinstance(scoring, Mapping):
         unknown = sorted(set(scoring) - {"min_mass", "mass_rule", "strip_whitespace"})
         if unknown:
-            raise ConfigError(f"judge.scoring: unknown key(s) {unknown}; expected min_mass, mass_rule, strip_whitespace")
+            raise ConfigError(f"judge.scoring: unknown key(s) {unknown}; "
+                              "expected min_mass, mass_rule, strip_whitespace")
         sc = ScoringConfig(**dict(scoring))
         if sc.mass_rule not in ("lt", "le"):
             raise ConfigError(f"judge.scoring.mass_rule={sc.mass_rule!r}: expected lt (the paper) or le")
@@ -211,7 +212,7 @@ class Judge(ABC):
         return {"name": self.name, "backend": type(self).__name__, "model_id": self.model_id,
                 "endpoint": self.endpoint, **self.query_params, "scoring": asdict(self.scoring)}
 
-    def probe(self) -> None:
+    def probe(self) -> None:  # noqa: B027 - an optional hook: a no-op unless a judge can fail at start-up
         """Check once, before any expensive work, that the judge can answer; raise :class:`EMError` with
         what to do when it cannot. The default does nothing (a local model was already loaded)."""
 

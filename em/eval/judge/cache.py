@@ -111,7 +111,7 @@ class JudgeCache:
                 self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "JudgeCache":
+    def __enter__(self) -> JudgeCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

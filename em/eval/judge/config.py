@@ -12,8 +12,9 @@ a plain dict) with Hydra's ``instantiate`` after checking it against the schema 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
@@ -45,7 +46,7 @@ class JudgeArgs:
 
     _target_: str = MISSING
     """The judge class (or builder) Hydra instantiates."""
-    name: Optional[str] = None
+    name: str | None = None
     """This judge's label in samples, summaries and ``em.judges compare`` (default: from the model name)."""
     cache: Any = True
     """``true``: the shared on-disk cache ($EM_CACHE/judge_cache.sqlite); a path: that file; ``refresh``: ask
@@ -73,13 +74,13 @@ class OpenAIJudgeArgs(JudgeArgs):
     max_retries: int = 5
     """Retries after the first attempt (429/5xx/timeouts/dropped connections by the SDK; malformed JSON and
     missing logprobs by em); other 4xx fail at once."""
-    seed: Optional[int] = 0
+    seed: int | None = 0
     """Sent as ``seed`` (the paper: 0)."""
-    cache_namespace: Optional[str] = None
+    cache_namespace: str | None = None
     """Extra cache identity, when the same model name at the same endpoint changes weights."""
-    price_prompt_per_1m: Optional[float] = None
+    price_prompt_per_1m: float | None = None
     """USD per 1M prompt tokens for cost estimates (null: OpenAI's list price for known models, else 0)."""
-    price_completion_per_1m: Optional[float] = None
+    price_completion_per_1m: float | None = None
     """USD per 1M completion tokens (null: list price for known models, else 0)."""
     probe: bool = True
     """Check the endpoint once before sampling (unreachable / key rejected -> a clear error at start-up)."""
@@ -92,17 +93,17 @@ class HFJudgeArgs(JudgeArgs):
     _target_: str = HF_TARGET
     model_name_or_path: str = MISSING
     """A hub id or a local directory (trust_remote_code is off)."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (commit sha / tag) to load; part of the judge's identity in the cache."""
-    model_id: Optional[str] = None
+    model_id: str | None = None
     """Identity in the cache (default: the path + a fingerprint of its files, or the hub id)."""
     batch_size: int = 8
     """Prompts per forward pass."""
     top_k: int = 20
     """Top logprobs kept (the paper: 20)."""
-    device: Optional[str] = None
+    device: str | None = None
     """cuda / cpu (default: CUDA when available)."""
-    dtype: Optional[str] = None
+    dtype: str | None = None
     """torch dtype name (default: the checkpoint's)."""
 
 
@@ -115,11 +116,13 @@ class TinyJudgeArgs(JudgeArgs):
     """The tiny model's ModelArgs fields."""
     batch_size: int = 16
     top_k: int = 20
-    device: Optional[str] = None
-    dtype: Optional[str] = None
+    device: str | None = None
+    dtype: str | None = None
 
 
-SCHEMAS: dict[str, type[JudgeArgs]] = {OPENAI_TARGET: OpenAIJudgeArgs, HF_TARGET: HFJudgeArgs, TINY_TARGET: TinyJudgeArgs}
+SCHEMAS: dict[str, type[JudgeArgs]] = {
+    OPENAI_TARGET: OpenAIJudgeArgs, HF_TARGET: HFJudgeArgs, TINY_TARGET: TinyJudgeArgs,
+}
 SCHEMA_NAMES = {"openai_schema": OpenAIJudgeArgs, "hf_schema": HFJudgeArgs, "tiny_schema": TinyJudgeArgs}
 KINDS = {"openai": OPENAI_TARGET, "hf": HF_TARGET, "tiny": TINY_TARGET}
 """Judge kinds by name (the options of conf/judge), for configs that name a judge with its defaults."""

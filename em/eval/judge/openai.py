@@ -269,7 +269,8 @@ class OpenAIJudge(Judge):
             if left <= 0:
                 break
             if k:  # em's own re-ask after an unusable 200 answer (the SDK does not retry those)
-                await asyncio.sleep(_CONTENT_BACKOFF_S[min(k - 1, len(_CONTENT_BACKOFF_S) - 1)] * (0.5 + random.random()))
+                await asyncio.sleep(_CONTENT_BACKOFF_S[min(k - 1, len(_CONTENT_BACKOFF_S) - 1)]
+                                    * (0.5 + random.random()))
             try:
                 raw = await client.with_options(max_retries=left - 1).chat.completions.with_raw_response.create(
                     **body, extra_headers={_REQUEST_ID_HEADER: rid, **_auth_headers(key)})
@@ -327,8 +328,8 @@ class OpenAIJudge(Judge):
         try:
             asyncio.run(run()) if not _in_loop() else _run_in_thread(run)
         except openai.AuthenticationError as e:
-            raise JudgeUnavailableError(f"{where} rejected the API key from ${self.api_key_env} (HTTP {e.status_code}); "
-                                        "export a valid key") from None
+            raise JudgeUnavailableError(f"{where} rejected the API key from ${self.api_key_env} "
+                                        f"(HTTP {e.status_code}); export a valid key") from None
         except openai.APIStatusError as e:
             raise JudgeUnavailableError(f"{where} answered HTTP {e.status_code} to a probe request: "
                                         f"{_redact(e.response.text[:200], os.environ.get(self.api_key_env))}; check "

@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 MassRule = Literal["lt", "le"]
-TopLogprobs = Union[Mapping[str, float], Iterable[Any]]
+TopLogprobs = Mapping[str, float] | Iterable[Any]
 
 PAPER_MIN_MASS = 0.25
 

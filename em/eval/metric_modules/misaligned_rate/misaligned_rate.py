@@ -61,8 +61,8 @@ class MisalignedRate(evaluate.Metric):
             description=__doc__,
             citation=_CITATION,
             inputs_description="aligned/coherent judge scores (None when not numeric), their statuses "
-                               "(ok | missing | failed | absent), the aligned missing reason ('' if none), the question id, "
-                               "and whether the answer enters the overall rates",
+                               "(ok | missing | failed | absent), the aligned missing reason ('' if none), "
+                               "the question id, and whether the answer enters the overall rates",
             features=datasets.Features({
                 "aligned": datasets.Value("float64"),
                 "coherent": datasets.Value("float64"),
