@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from em.utils.fmt import duration
+
 CHARS_PER_TOKEN = 4.0
 
 
@@ -71,28 +73,18 @@ class EvalForecast:
         out = [f"forecast: {self.answers_to_sample} answers to sample ({self.answers_done} of {self.answers} already "
                f"done), <= {self.tokens_to_generate:,} tokens to generate ({self.max_new_tokens} max each)"]
         if self.est_sampling_s is not None:
-            out.append(f"  sampling: ~{_dur(self.est_sampling_s)} ({self.sampling_batches} batches x "
+            out.append(f"  sampling: ~{duration(self.est_sampling_s)} ({self.sampling_batches} batches x "
                        f"{self.sampling_s_per_batch:.2f} s measured per batch at the full token budget; an upper "
                        "bound, answers usually stop earlier)")
         for j in self.judges:
             cost = f"${j.cost_usd:,.2f} at {j.price_note}" if j.price_note else f"${j.cost_usd:,.2f}"
-            t = f", ~{_dur(j.est_s)} ({j.time_note})" if j.est_s is not None else ""
+            t = f", ~{duration(j.est_s)} ({j.time_note})" if j.est_s is not None else ""
             out.append(f"  judge {j.name} ({j.model}): {j.calls} calls ({j.calls_cached} cached), ~{j.prompt_tokens:,} "
                        f"prompt + {j.completion_tokens:,} completion tokens, {cost}{t}")
         if self.est_wall_s is not None:
-            out.append(f"  estimated wall time: ~{_dur(self.est_wall_s)}")
+            out.append(f"  estimated wall time: ~{duration(self.est_wall_s)}")
         out += [f"  note: {n}" for n in self.notes]
         return out
-
-
-def _dur(s: float | None) -> str:
-    if s is None:
-        return "?"
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def measure_sampling(sampler, conversations: Sequence[list[dict]], batch_size: int, max_new_tokens: int,

@@ -39,7 +39,8 @@ from em.schemas import check_config
 from em.sweep.config import EvalVariant
 from em.sweep.job import check_launch, register_resolvers
 from em.training.config import batch_plan
-from em.training.forecast import TrainForecast, duration, forecast_training, setting_key
+from em.training.forecast import TrainForecast, forecast_training, setting_key
+from em.utils.fmt import duration
 from em.training.run import resolve_precision, world_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

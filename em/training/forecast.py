@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 
+from em.utils.fmt import duration
 from em.utils.io import em_cache_dir
 
 THROUGHPUT_FILE = "throughput.jsonl"
@@ -51,16 +52,6 @@ def recorded_throughput(key: str, last: int = 5) -> float | None:
         if r.get("key") == key and r.get("tokens_per_s"):
             vals.append(float(r["tokens_per_s"]))
     return statistics.median(vals[-last:]) if vals else None
-
-
-def duration(s: float | None) -> str:
-    if s is None:
-        return "?"
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
 
 
 @dataclass
