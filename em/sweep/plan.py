@@ -40,8 +40,8 @@ from em.sweep.config import EvalVariant
 from em.sweep.job import check_launch, register_resolvers
 from em.training.config import batch_plan
 from em.training.forecast import TrainForecast, forecast_training, setting_key
-from em.utils.fmt import duration
 from em.training.run import resolve_precision, world_size
+from em.utils.fmt import duration
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 CHARS_PER_TOKEN = 4.0
