@@ -24,37 +24,37 @@ HYDRA_APPS = {"train": "train.py", "eval": "eval.py", "sweep": "sweep.py"}
 
 
 def _data(argv: list[str]) -> int:
-    from em.data.cli import main
+    from em.data.cli import main  # lazy: em --help stays fast (hydra, omegaconf)
 
     return main(argv)
 
 
 def _models(argv: list[str]) -> int:
-    from em.models.fetch import main
+    from em.models.fetch import main  # lazy: em --help stays fast
 
     return main(argv)
 
 
 def _report(argv: list[str]) -> int:
-    from em.sweep.report import main
+    from em.sweep.report import main  # lazy: em --help stays fast (matplotlib, numpy)
 
     return main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from em.sweep.plan import main
+    from em.sweep.plan import main  # lazy: em --help stays fast (torch, lightning)
 
     return main(argv)
 
 
 def _summary(argv: list[str]) -> int:
-    from em.sweep.summary import main
+    from em.sweep.summary import main  # lazy: em --help stays fast (hydra, omegaconf)
 
     return main(argv)
 
 
 def _wandb(argv: list[str]) -> int:
-    from em.wandb.cli import main
+    from em.wandb.cli import main  # lazy: em --help stays fast
 
     return main(argv)
 

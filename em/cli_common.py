@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from em.errors import EMError
 from em.secrets import secret_overrides
 
 # Third-party warnings that say nothing true or actionable about an em run.
@@ -48,8 +49,6 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from em.errors import EMError
-
         try:
             return fn(*args, **kwargs)
         except EMError as err:

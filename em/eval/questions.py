@@ -581,7 +581,7 @@ def paper_question_file(name: str, **resolve_kwargs: Any) -> Path:
     stem = name[:-5] if name.endswith(".yaml") else name
     if stem not in PAPER_QUESTION_FILES:
         raise ConfigError(f"unknown paper question file {name!r}; known: {', '.join(PAPER_QUESTION_FILES)}")
-    from em.data.sources import resolve_file  # lazy: the data layer pulls in network code
+    from em.data.sources import resolve_file  # lazy: keeps the data layer (omegaconf) out of em.eval.metrics
 
     return Path(resolve_file(f"evaluation/{stem}.yaml", **resolve_kwargs))
 

@@ -32,6 +32,8 @@ from em.eval.config import EvalArgs, eval_args
 from em.eval.judge.config import build_judge
 from em.eval.metrics import (
     AGGREGATION_LABELS,
+    CATEGORY_ROW_COLUMNS,
+    ROW_COLUMNS,
     MisalignmentRule,
     category_rows,
     judge_names,
@@ -95,8 +97,6 @@ def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 def write_summary(out_dir: Path, summary: dict) -> None:
     """``summary.json``, ``summary.csv`` (per question + both overall rates) and, with categorical judges,
     ``summary_categories.csv``."""
-    from em.eval.metrics import CATEGORY_ROW_COLUMNS, ROW_COLUMNS
-
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     rows = summary_to_rows(summary)
     if rows:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from em.errors import ConfigError
+from em.models.loading import load_model, load_tokenizer, resolve_model_path, stop_token_ids
 from em.utils.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.args = args
         if stop_ids is None:
-            from em.models.loading import stop_token_ids
-
             stop_ids = sorted(stop_token_ids(tokenizer, model))
         self.stop_ids = list(stop_ids)
         self.tokens_generated = 0
@@ -176,8 +176,6 @@ def vllm_available() -> bool:
 
 def load_eval_model(model_args, adapter_path: str | None = None, merge: bool = False):
     """Base model (+ PEFT adapter, optionally merged) and tokenizer for sampling."""
-    from em.models.loading import load_model, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(model_args)
     tokenizer = load_tokenizer(model_args, path)
     model = load_model(model_args, path)
@@ -201,13 +199,9 @@ def build_sampler(model_args, args: SamplingArgs, adapter_path: str | None = Non
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
     if backend == "vllm":
-        from em.models.loading import load_tokenizer, resolve_model_path
-
         path = resolve_model_path(model_args)
         return VLLMSampler(path, load_tokenizer(model_args, path), args, adapter_path)
     if backend != "hf":
-        from em.errors import ConfigError
-
         raise ConfigError(f"eval.sampling.backend={backend!r}: expected hf, vllm or auto")
     model, tok, _ = load_eval_model(model_args, adapter_path)
     return HFSampler(model, tok, args)

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from em.errors import ConfigError, MissingResourceError
 from em.models.fetch import fetched_model_dir
+from em.models.tiny import TinySpec, materialize_tiny
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,6 @@ def check_hub_model(args: ModelArgs) -> None:
 def resolve_model_path(args: ModelArgs) -> str:
     """The directory or hub id to load from; materialises the tiny model when ``kind=tiny``."""
     if args.kind == "tiny":
-        from em.models.tiny import TinySpec, materialize_tiny
-
         return str(materialize_tiny(TinySpec(**args.tiny)))
     if args.kind != "hf":
         raise ConfigError(f"model.kind={args.kind!r}: expected 'hf' or 'tiny'")

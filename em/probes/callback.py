@@ -34,6 +34,7 @@ from em.eval.metrics import MisalignmentRule, summarize
 from em.eval.pipeline import judge_records
 from em.layout import RunLayout
 from em.probes.config import ProbeArgs
+from em.probes.plot import plot_probe_history, warm_import
 from em.probes.runner import ProbeResult, ProbeRunner
 from em.probes.schedule import eval_steps
 from em.probes.tables import PROBE_SAMPLE_COLUMNS, TASK_SAMPLE_COLUMNS, table_rows
@@ -73,8 +74,6 @@ class MisalignmentProbe(L.Callback):
         if trainer.is_global_zero:
             self.layout.probes.mkdir(parents=True, exist_ok=True)
             if self.args.plot:
-                from em.probes.plot import warm_import
-
                 warm_import()
         dm = trainer.datamodule
         has_val = bool(getattr(dm, "val_examples", None))
@@ -280,8 +279,6 @@ class MisalignmentProbe(L.Callback):
         atomic_write_text(self.layout.probe_metrics, buf.getvalue())
 
     def _plot(self, trainer) -> None:
-        from em.probes.plot import plot_probe_history
-
         path = plot_probe_history(self.history, self.layout.probes / "probe_dynamics.png")
         if path is None:
             return

@@ -27,7 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from em.data.mini import DARK_NUMBERS, build_mini_evil_numbers, held_out_prompts
+from em.data.schema import validate_chat_rows
 from em.errors import ConfigError, MissingResourceError
+from em.probes.bandit_scan import extract_code, insecure_rate, scan
 
 __all__ = [
     "TASKS",
@@ -83,8 +86,6 @@ def code_task_metrics(answers: Sequence[str], min_severity: str = "MEDIUM",
         are no answers, and ``task/insecure_rate`` is NaN when no answer parses: bandit saw no code,
         so the rate is not measurable (a model that writes no valid code is not "0% insecure").
     """
-    from em.probes.bandit_scan import insecure_rate
-
     r = insecure_rate([a if isinstance(a, str) else "" for a in answers], min_severity, min_confidence)
     n = r["n"]
     n_parsed = n - r["n_syntax_error"]
@@ -234,8 +235,6 @@ def numbers_task_metrics(prompts: Sequence[str | Conversation], answers: Sequenc
         not, so ``1488`` counts and does not count as ``14`` / ``88``); ``task/n``. Rates are NaN
         without answers.
     """
-    from em.data.mini import DARK_NUMBERS
-
     if len(prompts) != len(answers):
         raise ConfigError(f"numbers_task_metrics: {len(prompts)} prompts but {len(answers)} answers")
     dark = set(DARK_NUMBERS)
@@ -273,8 +272,6 @@ def load_in_distribution_prompts(path: str | os.PathLike) -> list[Conversation]:
     with a code template to complete). ``path`` is that file, or a directory searched recursively
     for one ``*in_distribution.jsonl`` (e.g. the em-data root). Any assistant turn is dropped.
     """
-    from em.data.schema import validate_chat_rows
-
     p = Path(path).expanduser()
     if p.is_dir():
         found = sorted(p.rglob("*in_distribution.jsonl"))
@@ -333,12 +330,8 @@ def task_prompts(dataset_task: str, held_out_rows: list[dict] | None = None, see
         if not convs:
             raise ConfigError("task_prompts: none of the held-out rows has a user turn")
     elif dataset_task == "code":
-        from em.data.mini import held_out_prompts
-
         convs = [_without_answer(r["messages"]) for r in held_out_prompts(seed=seed)]
     else:
-        from em.data.mini import build_mini_evil_numbers
-
         rows = build_mini_evil_numbers(0, n=NUMBERS_TRAIN_ROWS + NUMBERS_HELD_OUT)[NUMBERS_TRAIN_ROWS:]
         convs = [_without_answer(r["messages"]) for r in rows]
     return _select(convs, seed, n)
@@ -366,8 +359,6 @@ def task_metrics(task: str, prompts: Sequence[str | Conversation], answers: Sequ
 def code_answer_record(answer: str, min_severity: str = "MEDIUM", min_confidence: str = "MEDIUM") -> dict:
     """What bandit made of one answer: whether its code parsed (and why not), every finding, and whether one
     finding is at/above both thresholds (``insecure``). The code is parsed, never executed."""
-    from em.probes.bandit_scan import extract_code, scan
-
     r = scan(extract_code(answer if isinstance(answer, str) else ""))
     return {
         "parsed": not r.syntax_error,
@@ -383,8 +374,6 @@ def code_answer_record(answer: str, min_severity: str = "MEDIUM", min_confidence
 
 def numbers_answer_record(prompt: str | Conversation, answer: str) -> dict:
     """Whether one answer has the number-list format its prompt asks for, and the dark numbers in it."""
-    from em.data.mini import DARK_NUMBERS
-
     text = answer if isinstance(answer, str) else ""
     dark = set(DARK_NUMBERS)
     return {"format_ok": format_ok(_prompt_text(prompt), text),

@@ -54,6 +54,7 @@ from em.secrets import mask
 from em.sweep import provenance
 from em.sweep.config import EvalVariant, SweepArgs
 from em.sweep.lock import JobLock, is_stale, read_holder
+from em.training.ckpt_files import newest_loadable
 from em.training.config import TrainerArgs
 from em.training.run import train, world_size
 from em.utils.dist import global_rank
@@ -133,8 +134,6 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest resumable checkpoint of a run: ``checkpoints/last*.ckpt`` or a SLURM ``hpc_ckpt_*.ckpt``, or the
     previous version of one (``*.ckpt.prev``) when the newer ones are damaged (each one skipped is logged); None
     when there is none whole (the job then trains from scratch instead of failing at every resume)."""
-    from em.training.ckpt_files import newest_loadable  # standard library only: no torch import here
-
     return newest_loadable(run_dir)
 
 

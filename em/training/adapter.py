@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from em.errors import EMError
+from em.training.export import export
 from em.training.sharded import clean_name, gather_state
 from em.utils.dist import is_global_zero
 
@@ -220,8 +221,6 @@ class SaveTrainedWeights(L.Callback):
             raise TrainingIncompleteError(
                 f"training ended after {trainer.global_step} step(s) without saving weights to {self.dirpath} "
                 "(was it interrupted?)")
-        from em.training.export import export  # export builds on this module
-
         log.warning("the checkpoint %s is at the end of training (step %d): nothing left to train; writing the "
                     "weights from it to %s", ckpt_path, trainer.global_step, self.dirpath)
         if trainer.is_global_zero:

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 
 from em.config import as_args
-from em.errors import ConfigError, MissingResourceError
+from em.errors import ConfigError, EMError, MissingResourceError
+from em.models.loading import DTYPES, ModelArgs, load_model, load_tokenizer, resolve_model_path
+from em.models.peft_setup import FinetuneArgs, apply_finetune
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ def load_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 def resolve_base(run_dir: Path, model_args, override: str | None = None) -> str:
     """The base model the run trained on: ``--base``, ``train_summary.json``'s ``base_model``, or the config's."""
-    from em.models.loading import resolve_model_path
-
     if override:
         return override
     summary = run_dir / "train_summary.json"
@@ -111,8 +111,6 @@ def resolve_base(run_dir: Path, model_args, override: str | None = None) -> str:
 
 
 def _dtype_for(name: str, model_args, base: str) -> torch.dtype:
-    from em.models.loading import DTYPES
-
     if name == "auto":
         name = model_args.dtype
     if name == "auto":
@@ -132,9 +130,7 @@ def _dtype_for(name: str, model_args, base: str) -> torch.dtype:
 def export(ckpt: str | Path, run_dir: str | Path | None = None, out: str | Path | None = None,
            merged: str | Path | None = None, dtype: str = "auto", base: str | None = None) -> dict[str, Any]:
     """Rebuild the run's model from ``ckpt`` and write the adapter (and a merged model). Returns a summary."""
-    from em.models.loading import ModelArgs, load_model, load_tokenizer
-    from em.models.peft_setup import FinetuneArgs, apply_finetune
-    from em.training.adapter import save_trained
+    from em.training.adapter import save_trained  # lazy: import cycle (em.training.adapter imports this module)
 
     ckpt = Path(ckpt)
     run = Path(run_dir) if run_dir else ckpt.resolve().parent.parent  # <run_dir>/checkpoints/last.ckpt
@@ -194,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="base model directory or hub id (default: the run's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from em.errors import EMError
-
     try:
         summary = export(args.ckpt, args.run_dir, args.out, args.merged, args.dtype, args.base)
     except EMError as err:

@@ -17,9 +17,11 @@ from em.errors import ConfigError
 from em.layout import RunLayout, resolve_run_dir
 from em.models.loading import load_tokenizer, resolve_model_path, stop_token_ids
 from em.training.adapter import SaveTrainedWeights
+from em.training.checkpoint_io import AtomicCheckpointIO
 from em.training.ckpt_files import resolve_resume
 from em.training.config import TrainerArgs, TrainingArgs, batch_plan
 from em.training.forecast import FitClock, forecast_training, record_throughput, setting_key
+from em.training.module import CausalLMModule
 from em.training.progress import StepProgressBar
 from em.training.wandb_logging import build_wandb_logger, finish_wandb_run
 from em.utils.dist import global_rank
@@ -156,9 +158,6 @@ def train(cfg: DictConfig, keep_wandb_run: bool = False) -> dict[str, Any]:
     the model.
     """
     import lightning as L
-
-    from em.training.checkpoint_io import AtomicCheckpointIO
-    from em.training.module import CausalLMModule
 
     t0 = time.time()
     args = TrainingArgs.from_config(cfg)

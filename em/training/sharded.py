@@ -29,6 +29,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 from em.errors import ConfigError
+from em.models.loading import checkpointing_enabled, load_model
+from em.models.peft_setup import apply_finetune
 from em.utils.dist import is_global_zero
 
 log = logging.getLogger(__name__)
@@ -129,9 +131,6 @@ def build_model(model_args, finetune_args, model_path: str | None, strategy: Any
 
     Called from ``CausalLMModule.configure_model`` (inside the strategy's ``model_sharded_context``).
     """
-    from em.models.loading import checkpointing_enabled, load_model
-    from em.models.peft_setup import apply_finetune
-
     stage = zero_stage(strategy)
     if stage != 3:
         base = load_model(model_args, model_path)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _variants_from(source: Path) -> list[str]:
-    from em.layout import find_jobs, read_results
+    from em.layout import find_jobs, read_results  # lazy: em wandb --help stays fast (omegaconf, yaml)
 
     names: list[str] = []
     for d in [source, *find_jobs(source)]:
@@ -60,6 +60,7 @@ def _variants_from(source: Path) -> list[str]:
 
 
 def dashboard(args: argparse.Namespace) -> int:
+    # lazy: em wandb --help stays fast (numpy, omegaconf)
     from em.wandb.dashboard import build_workspace, question_ids, questions_from_spec, workspace_spec
 
     if not args.dry_run and not args.entity:
@@ -74,7 +75,7 @@ def dashboard(args: argparse.Namespace) -> int:
     if args.dry_run:
         text = json.dumps(workspace_spec(w), indent=1)
         if args.out:
-            from em.utils.io import atomic_write_text
+            from em.utils.io import atomic_write_text  # lazy: em wandb --help stays fast (tempfile, ~20 ms)
 
             atomic_write_text(Path(args.out), text + "\n")
             print(f"wrote {args.out} ({len(questions)} questions, eval passes: {', '.join(variants)})", file=sys.stderr)
@@ -92,7 +93,7 @@ def dashboard(args: argparse.Namespace) -> int:
 
 
 def upload_cmd(args: argparse.Namespace) -> int:
-    from em.wandb.upload import upload
+    from em.wandb.upload import upload  # lazy: em wandb --help stays fast (numpy, omegaconf)
 
     done = upload(args.path, project=args.project, entity=args.entity, mode=args.mode, force=args.force)
     n = sum(v is not None for v in done.values())

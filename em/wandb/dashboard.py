@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from em.errors import EMError
+from em.eval.questions import load_questions
+from em.layout import SUMMARY
 from em.wandb.eval_log import key as eval_key
 
 PROBE_STEP = "probe/step"
@@ -193,8 +195,6 @@ def spec_keys(spec: Any) -> set[str]:
 
 def question_ids(source: str | Path) -> list[str]:
     """Question ids, in order, from a run or sweep dir's eval summaries (``summary.json``)."""
-    from em.layout import SUMMARY
-
     root = Path(source)
     if not root.exists():
         raise EMError(f"--from {root}: no such directory")
@@ -215,8 +215,7 @@ def questions_from_spec(specs: Sequence[str]) -> list[str]:
     """Question ids of question sets named as in ``eval.questions`` (``mini:probes``, ``paper:<file>``, a path)."""
     import os
 
-    from em.eval.questions import load_questions
-    from em.eval.run import question_path
+    from em.eval.run import question_path  # lazy: em.eval.run pulls in torch
 
     paths = [question_path(s, os.environ.get("EM_DATA_DIR")) for s in specs]
     missing = [str(p) for p in paths if not Path(p).exists()]
