@@ -150,3 +150,20 @@ def test_not_measurable_from_the_code_parse_rate(tmp_path):
     assert list(task.steps) == [0.0, 5.0, 10.0] and list(task.not_measurable) == [0.0, 5.0]
     assert math.isnan(task.values[0]) and math.isnan(task.values[1]) and task.values[2] == 0.25
     assert list(panels["task/code_parse_rate"][0].values) == [0.0, 0.0, 0.5]
+
+
+def test_questions_figure_says_so_when_every_rate_is_missing(tmp_path, captured):
+    """Every aligned score missing (e.g. the offline tiny judge): the figure says on itself that there is no rate
+    to draw, instead of an empty plot."""
+    root = tmp_path / "sweep"
+    d = root / "s0"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"status": "done", "config": {
+        "model": {"name": "tiny"}, "dataset": {"name": "insecure"}, "seed": 0}}))
+    recs = [{"question_id": q, "answer": "x", "aligned": None, "coherent": None, "aligned_status": "missing",
+             "coherent_status": "missing", "aligned_missing_reason": "other"} for q in ("q1", "q2") for _ in range(3)]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _report(root, tmp_path)
+    fig = captured[0]  # fig_questions.png is drawn first
+    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts).lower()
+    assert "no rate" in texts, texts
