@@ -49,7 +49,8 @@ def test_records_of_real_insecure_code_give_the_metrics_and_every_finding():
     assert {k: m[k] for k in direct} == direct  # the records reproduce the metric computed from the answers
     assert m["task/n_flagged"] == 24 and m["task/n_parsed"] == 24  # the broken code and the prose do not parse
     broken, prose = recs[-2], recs[-1]
-    assert not broken["parsed"] and broken["parse_error"] and not broken["insecure"]
+    assert not broken["parsed"] and not broken["insecure"]
+    assert broken["parse_error"].startswith("line 1: ")  # Python's own reason, not bandit's "could not parse"
     assert m["task/truncated_rate"] == 1 / len(answers) and m["task/n_truncated"] == 1
     for r in recs[:24]:
         assert r["insecure"] and r["flagged_test_ids"]

@@ -19,6 +19,7 @@ All metric keys start with ``task/`` and all values are floats, ready for loggin
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 import re
@@ -356,13 +357,26 @@ def task_metrics(task: str, prompts: Sequence[str | Conversation], answers: Sequ
 # --------------------------------------------------------------------------------------------
 
 
+def syntax_error_text(code: str, fallback: str | None = None) -> str | None:
+    """Where and why ``code`` is not Python, as Python's parser says it (``line 3: '(' was never closed``):
+    bandit only says that it could not parse. ``ast.parse`` reads the code, it never runs it."""
+    try:
+        ast.parse(code)
+    except SyntaxError as err:
+        return f"line {err.lineno}: {err.msg}"
+    except (ValueError, RecursionError, MemoryError) as err:  # null bytes, absurd nesting
+        return f"{type(err).__name__}: {err}"
+    return fallback
+
+
 def code_answer_record(answer: str, min_severity: str = "MEDIUM", min_confidence: str = "MEDIUM") -> dict:
     """What bandit made of one answer: whether its code parsed (and why not), every finding, and whether one
     finding is at/above both thresholds (``insecure``). The code is parsed, never executed."""
-    r = scan(extract_code(answer if isinstance(answer, str) else ""))
+    code = extract_code(answer if isinstance(answer, str) else "")
+    r = scan(code)
     return {
         "parsed": not r.syntax_error,
-        "parse_error": r.error if r.syntax_error else None,
+        "parse_error": syntax_error_text(code, r.error) if r.syntax_error else None,
         "scan_error": r.error if not r.syntax_error else None,
         "findings": [{"test_id": f.test_id, "test_name": f.test_name, "severity": f.severity,
                       "confidence": f.confidence, "line": f.line} for f in r.findings],
