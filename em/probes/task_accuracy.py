@@ -363,7 +363,7 @@ def syntax_error_text(code: str, fallback: str | None = None) -> str | None:
     try:
         ast.parse(code)
     except SyntaxError as err:
-        return f"line {err.lineno}: {err.msg}"
+        return f"line {err.lineno}: {err.msg}" if err.lineno else str(err.msg)
     except (ValueError, RecursionError, MemoryError) as err:  # null bytes, absurd nesting
         return f"{type(err).__name__}: {err}"
     return fallback
