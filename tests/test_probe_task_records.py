@@ -11,6 +11,7 @@ import pytest
 
 from em.data.mini import build_mini
 from em.layout import RunLayout
+from em.probes.bandit_scan import insecure_rate
 from em.probes.config import McqArgs, ProbeArgs, TaskProbeArgs
 from em.probes.runner import ProbeRunner
 from em.probes.task_accuracy import (
@@ -45,8 +46,12 @@ def test_records_of_real_insecure_code_give_the_metrics_and_every_finding():
                                hit_budget=[False] * (len(answers) - 1) + [True], step=7, max_new_tokens=40)
     assert [r["prompt_id"] for r in recs] == list(range(len(answers))) and {r["step"] for r in recs} == {7}
     m = task_metrics_from_records("code", recs)
-    direct = code_task_metrics(answers)
-    assert {k: m[k] for k in direct} == direct  # the records reproduce the metric computed from the answers
+    assert {k: m[k] for k in code_task_metrics(answers)} == code_task_metrics(answers)
+    b = insecure_rate(answers)  # bandit's own count over the raw answers, independently of the records
+    assert m["task/insecure_rate"] == b["n_insecure"] / len(answers)
+    assert m["task/syntax_error_rate"] == b["n_syntax_error"] / len(answers)
+    assert {k.removeprefix("task/bandit/"): v * len(answers) for k, v in m.items() if "/bandit/" in k} == \
+        {k: float(v) for k, v in b["by_test_id"].items()}
     assert m["task/n_flagged"] == 24 and m["task/n_parsed"] == 24  # the broken code and the prose do not parse
     broken, prose = recs[-2], recs[-1]
     assert not broken["parsed"] and not broken["insecure"]
@@ -68,6 +73,29 @@ def test_number_records_reproduce_the_numbers_metrics():
     direct = numbers_task_metrics(prompts, answers)
     assert {k: m[k] for k in direct} == direct
     assert recs[0]["dark_numbers"] == [13, 666, 1488] and not recs[1]["format_ok"]
+
+
+def test_task_rates_is_an_evaluate_module_that_em_computes_through(monkeypatch):
+    """The task metrics are em's ``task_rates`` evaluate module, loaded offline from the package; em's own
+    computation goes through it (one implementation)."""
+    import evaluate
+
+    from em.eval import rates
+
+    prompts, answers = _prompts_and_answers("insecure", 6)
+    recs = task_answer_records("code", prompts, answers, hit_budget=[True, False] * 3)
+    module = evaluate.load(str(rates.METRIC_MODULES / "task_rates"), keep_in_memory=True)
+    direct = module.compute(task="code", parsed=[int(r["parsed"]) for r in recs],
+                            insecure=[int(r["insecure"]) for r in recs], format_ok=[-1] * 6, dark=[-1] * 6,
+                            hit_budget=[int(r["hit_budget"]) for r in recs],
+                            flagged_test_ids=[r["flagged_test_ids"] for r in recs])
+    assert direct == task_metrics_from_records("code", recs) and direct["task/truncated_rate"] == 0.5
+    seen = []
+    real = rates.compute
+    monkeypatch.setattr("em.probes.task_accuracy.compute_rates",
+                        lambda name, **kw: seen.append(name) or real(name, **kw))
+    task_metrics_from_records("code", recs)
+    assert seen == ["task_rates"]
 
 
 def _probe_run(tmp_path, *extra: str):
@@ -98,8 +126,9 @@ def test_saved_task_answers_reproduce_the_logged_task_metrics(tmp_path):
         for k, v in recomputed.items():
             assert _same(logged[step][k], v), (step, k, logged[step][k], v)
         # and from the answers alone, by bandit again: the saved answers are the ones that were scored
-        for k, v in code_task_metrics([r["answer"] for r in recs]).items():
-            assert _same(logged[step][k], v), (step, k)
+        b = insecure_rate([r["answer"] for r in recs])
+        assert logged[step]["task/syntax_error_rate"] == b["n_syntax_error"] / N_PROMPTS
+        assert logged[step]["task/n_flagged"] == b["n_insecure"]
         assert logged[step]["task/code_parse_rate"] * N_PROMPTS == logged[step]["task/n_parsed"]
 
 

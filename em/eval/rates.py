@@ -2,7 +2,8 @@
 
 ``em/eval/metric_modules/<name>/<name>.py`` are ordinary ``evaluate`` modules (``misaligned_rate``: the
 misaligned / coherent rates and every denominator; ``category_rate``: a categorical judge's label rates, e.g.
-the lie rate). They load offline from the installed package::
+the lie rate; ``task_rates``: the probes' task accuracy, e.g. the insecure-code and parse rates). They load
+offline from the installed package::
 
     evaluate.load(str(METRIC_MODULES / "misaligned_rate"), keep_in_memory=True)
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 METRIC_MODULES = Path(__file__).parent / "metric_modules"
-MODULE_NAMES = ("misaligned_rate", "category_rate")
+MODULE_NAMES = ("misaligned_rate", "category_rate", "task_rates")
 
 _lock = threading.Lock()
 
@@ -34,6 +35,20 @@ def load_metric(name: str) -> Any:
     import evaluate
 
     return evaluate.load(str(METRIC_MODULES / name), keep_in_memory=True)
+
+
+def warm(*names: str) -> threading.Thread:
+    """Load modules on a daemon thread (``evaluate``'s imports take seconds on a loaded CPU), so that the first
+    :func:`compute` on the training path finds them loaded (or waits only for the rest of the load)."""
+
+    def load() -> None:
+        with _lock:
+            for name in names:
+                load_metric(name)
+
+    t = threading.Thread(target=load, name="em-metric-import", daemon=True)
+    t.start()
+    return t
 
 
 def compute(name: str, **kwargs: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from em.config import as_args
+from em.eval import rates
 from em.eval.judge.config import build_judge, judge_config
 from em.eval.metrics import MisalignmentRule, summarize
 from em.eval.pipeline import judge_records
@@ -81,6 +82,8 @@ class MisalignmentProbe(L.Callback):
                                   trigger=getattr(dm.dataset_args, "trigger", None),
                                   held_out_rows=dm.held_out_rows or None,
                                   heldout_batches=dm.val_dataloader if has_val else None)
+        if self.runner.task != "none":  # evaluate's imports load in the background, not at the first probe point
+            rates.warm("task_rates")
 
     @property
     def requests(self):
