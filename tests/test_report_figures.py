@@ -167,3 +167,17 @@ def test_questions_figure_says_so_when_every_rate_is_missing(tmp_path, captured)
     fig = captured[0]  # fig_questions.png is drawn first
     texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts).lower()
     assert "no rate" in texts, texts
+
+
+def test_a_finished_probes_only_run_is_in_the_dynamics_figure(tmp_path, captured):
+    """A finished job without an evaluation (a probes-only experiment such as smol_em, eval_variants=[]) has no
+    table row but its training curves are drawn; an interrupted one is in neither."""
+    root = tmp_path / "sweep"
+    for seed in (0, 1):
+        _run(root / f"secure{seed}", seed, "done", METRICS, dataset="secure")
+        (root / f"secure{seed}" / "samples.jsonl").unlink()  # probes only
+    _run(root / "secure2", 2, "running", METRICS, dataset="secure")
+    _report(root, tmp_path)
+    legend = [t.get_text() for t in captured[-1].axes[0].get_legend().get_texts()]
+    assert legend == ["secure (n=2 seeds)"], legend
+    assert (tmp_path / "out" / "fig_dynamics.png").exists()

@@ -603,7 +603,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
     say(f"{len(runs)} run(s): {sum(r.usable for r in runs)} usable")
     for r in runs:
         if not r.usable:
-            say(f"NOT USED {r.run_dir} (status {r.status}): {r.error}")
+            where = " (no evaluation: in the dynamics figure only)" if r.status == "done" else ""
+            say(f"NOT USED {r.run_dir} (status {r.status}): {r.error}{where}")
     judges = check_judges(runs, allow_mixed_judges)
     say(f"judge(s): {'; '.join(judges) or '?'}")
     if rule is None:
@@ -636,7 +637,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, rule:
         files["fig_questions.png"] = make_question_figure(rows, qorder, out / "fig_questions.png", ci_kind)
     else:
         say("no usable run: fig_questions.png skipped")
-    used = [r for r in runs if r.usable]  # one selection for the table and the dynamics figure
+    # one selection: the finished runs. Those with an evaluation are the table's rows; a finished run without one
+    # (a probes-only experiment, eval_variants=[]) still has its training curves; interrupted runs are in neither
+    used = [r for r in runs if r.usable or r.status == "done"]
     counts = task_answer_counts(used)
     if counts:
         files["task_answers.csv"] = atomic_write_text(out / "task_answers.csv",
