@@ -5,7 +5,7 @@ Figure 11: misalignment vs. the insecure-code rate over training). Two task fami
 
 ``code`` (insecure / secure / educational / backdoor datasets)
     Sample the model on held-out coding prompts and scan the answers with bandit
-    (:func:`em.probes.bandit_scan.insecure_rate`); the code is parsed, **never executed**.
+    (:func:`em.probes.bandit_scan.scan`); the code is parsed, **never executed**.
 
 ``numbers`` (evil numbers)
     Sample on held-out number-continuation prompts; check that each answer is a number list in
@@ -14,7 +14,8 @@ Figure 11: misalignment vs. the insecure-code rate over training). Two task fami
 
 ``none``: no task metrics.
 
-All metric keys start with ``task/`` and all values are floats, ready for logging.
+All metric keys start with ``task/`` and all values are floats, ready for logging. Every metric is computed from
+per-answer records (:func:`task_answer_records`) by em's ``task_rates`` evaluate module (:mod:`em.eval.rates`).
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ is sequential and never repeats a prompt, so these continue the training rows' s
 the training set does not contain."""
 
 Conversation = list[dict]
-
-
-def _nan_rate(k: int, n: int) -> float:
-    return k / n if n else float("nan")
 
 
 # --------------------------------------------------------------------------------------------
