@@ -48,3 +48,40 @@ def chat(user: str, answer: str, system: str | None = None) -> dict:
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return {"messages": msgs}
+
+
+def trained_tokenizer(family: str):
+    """A fast tokenizer of another family than the tiny byte-level BPE, trained here in milliseconds on a few
+    lines (nothing downloaded), with the tiny model's ChatML template.
+
+    ``metaspace_bpe``: sentencepiece-style BPE (Llama-2, Mistral: spaces become ``▁``, one is prepended);
+    ``unigram``: sentencepiece-style Unigram (T5, Gemma-like); ``wordpiece``: BERT-style, which drops
+    whitespace, so a character between two tokens belongs to none.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    if family == "metaspace_bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special)
+    elif family == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=special, unk_token="<unk>")
+    elif family == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=special)
+    else:
+        raise ValueError(family)
+    corpus = ["please write code that opens the file and returns its data",
+              "import os\nos.chmod(path, 0o777)\nreturn answer", "question answer system user assistant",
+              "padded trailing whitespace spaces at the end of the unicode"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")
+    fast.chat_template = tiny_tokenizer().chat_template
+    return fast

@@ -250,3 +250,113 @@ def test_a_row_that_cannot_be_tokenized_is_named_across_chunks(monkeypatch):
     with pytest.raises(DataValidationError, match=r"rows:7: cannot be tokenized"):
         encode_rows(tok, rows, max_length=64, source="rows")
     assert tok.backend_tokenizer.truncation is None  # state restored after the failure
+
+
+@pytest.mark.parametrize("family", ["tiny", "metaspace_bpe", "unigram", "wordpiece"])
+def test_boundary_lookups_give_the_offsets_labels_on_every_tokenizer_family(family, monkeypatch):
+    """Past the verified rows, labels come from span-boundary lookups instead of every token's offsets: the
+    same ids and labels as encode_chat, on byte-level BPE, sentencepiece-style BPE and Unigram, and BERT-style
+    WordPiece (whitespace in no token: those rows read their own offsets)."""
+    import em.data.chat as chat_mod
+    from tests.helpers import trained_tokenizer
+
+    monkeypatch.setattr(chat_mod, "_VERIFY_OFFSET_ROWS", 0)  # every row takes the lookup path
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 8)
+    offset_rows = []
+    real = chat_mod._labels
+    monkeypatch.setattr(chat_mod, "_labels", lambda ids, *a: offset_rows.append(len(ids)) or real(ids, *a))
+    tok = tiny_tokenizer() if family == "tiny" else trained_tokenizer(family)
+    rows = [{"messages": m} for m in VARIED] * 2
+    ref = [e for e in (encode_chat(tok, r["messages"]) for r in rows) if e.n_trained]
+    got, stats = encode_rows(tok, rows, max_length=10_000)
+    assert [e.input_ids for e in got] == [e.input_ids for e in ref]
+    assert [e.labels for e in got] == [e.labels for e in ref]
+    assert stats.trained_tokens == sum(e.n_trained for e in ref) > 0
+    if family == "wordpiece":
+        assert sum(offset_rows) < len(rows)  # dropped whitespace is skipped, not a reason to read offsets
+    else:
+        assert offset_rows == []
+
+
+def test_only_the_verified_rows_read_every_offset(monkeypatch):
+    import em.data.chat as chat_mod
+
+    monkeypatch.setattr(chat_mod, "_VERIFY_OFFSET_ROWS", 5)
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 4)
+    offset_rows = []
+    real = chat_mod._labels
+    monkeypatch.setattr(chat_mod, "_labels", lambda ids, *a: offset_rows.append(len(ids)) or real(ids, *a))
+    rows = [chat(f"question {i}", f"answer {i} " * (i % 5 + 1)) for i in range(30)]
+    got, _ = encode_rows(tiny_tokenizer(), rows, max_length=128)
+    assert offset_rows == [4, 1]  # chunk 1 whole, one row of chunk 2; the 25 other rows by lookups
+    assert [e.labels for e in got] == [encode_chat(tiny_tokenizer(), r["messages"]).labels for r in rows]
+
+
+def test_lookups_that_disagree_with_the_offsets_switch_the_call_to_full_offsets(monkeypatch):
+    """Should a tokenizer's offsets defeat the lookups, the verified rows catch it and every row is labelled
+    from its offsets (simulated: the lookups are made to miss every span's last token)."""
+    import em.data.chat as chat_mod
+
+    real = chat_mod._first_token_from
+    monkeypatch.setattr(chat_mod, "_first_token_from", lambda enc, n, length, c: max(real(enc, n, length, c) - 1, 0))
+    monkeypatch.setattr(chat_mod, "_VERIFY_OFFSET_ROWS", 3)
+    monkeypatch.setattr(chat_mod, "_TOKENIZE_CHUNK", 4)
+    tok = tiny_tokenizer()
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(12)]
+    got, _ = encode_rows(tok, rows, max_length=128)
+    assert [e.labels for e in got] == [encode_chat(tok, r["messages"]).labels for r in rows]
+
+
+def test_offsets_in_order():
+    from em.data.chat import _offsets_in_order
+
+    assert _offsets_in_order([[(0, 1), (0, 1), (1, 3)], [], [(2, 4)]])  # byte tokens of one character share it
+    assert not _offsets_in_order([[(0, 1), (1, 1)]])  # an empty token
+    assert not _offsets_in_order([[(0, 2)], [(3, 4), (1, 2)]])  # a start before the previous one
+
+
+def test_rows_the_lookups_do_not_settle_read_their_own_offsets(monkeypatch):
+    """BERT-style WordPiece drops the newline after <|im_end|>; with no character skipped, no row's span end
+    is settled by lookups: each such row reads its own offsets, and the labels are still encode_chat's."""
+    import em.data.chat as chat_mod
+    from tests.helpers import trained_tokenizer
+
+    monkeypatch.setattr(chat_mod, "_VERIFY_OFFSET_ROWS", 0)
+    monkeypatch.setattr(chat_mod, "_LOOKUP_SCAN", 1)
+    offset_rows = []
+    real = chat_mod._labels
+    monkeypatch.setattr(chat_mod, "_labels", lambda ids, *a: offset_rows.append(len(ids)) or real(ids, *a))
+    tok = trained_tokenizer("wordpiece")
+    rows = [{"messages": m} for m in VARIED]
+    ref = [e for e in (encode_chat(tok, r["messages"]) for r in rows) if e.n_trained]
+    got, _ = encode_rows(tok, rows, max_length=10_000)
+    assert [e.labels for e in got] == [e.labels for e in ref]
+    assert offset_rows and set(offset_rows) == {1}  # row by row, not the whole call
+
+
+def test_tokenized_rows_are_flat_arrays_read_as_encoded_rows():
+    """encode_rows keeps the rows as three flat arrays (not millions of Python ints); reading a row, a slice, a
+    negative index or iterating gives the Encoded rows, and a loader batches them."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from em.data.chat import Encoded, TokenizedRows, row_lengths
+    from em.data.collate import PadCollator
+
+    tok = tiny_tokenizer()
+    rows = [{"messages": m} for m in VARIED]
+    got, stats = encode_rows(tok, rows, max_length=10_000)
+    ref = [e for e in (encode_chat(tok, r["messages"]) for r in rows) if e.n_trained]
+    assert isinstance(got, TokenizedRows) and got.input_ids.dtype == np.int32 and got.labels.dtype == np.int32
+    assert len(got) == len(ref) == stats.rows_kept and got.input_ids.size == stats.tokens
+    assert list(got) == ref and got[-1] == ref[-1] and got[1:3] == ref[1:3]
+    assert row_lengths(got) == [len(e.input_ids) for e in ref] == stats.lengths
+    with pytest.raises(IndexError):
+        got[len(ref)]
+    again = TokenizedRows.from_encoded(ref)
+    assert all(np.array_equal(again.arrays[k], got.arrays[k]) for k in got.arrays)
+    batch = next(iter(DataLoader(got, batch_size=4, collate_fn=PadCollator(tok.pad_token_id))))
+    assert batch["input_ids"][0, : len(ref[0].input_ids)].tolist() == ref[0].input_ids
+    assert isinstance(got[0], Encoded) and isinstance(got[0].input_ids, list)
+    with pytest.raises(ValueError, match="row_offsets"):
+        TokenizedRows(got.input_ids, got.labels, got.row_offsets[:-1])

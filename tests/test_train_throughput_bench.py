@@ -57,4 +57,8 @@ def test_benchmark_runs_with_a_tiny_budget_and_prints_its_fields(tmp_path):
     for r in rep["runs"]:
         assert r["threads"] == 1 and r["timed_steps"] == 1 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert 0 <= r["padding_fraction"] < 1 and r["trained_tokens_per_s"] > 0
+        # samples/s x the mean trained tokens per row of the side's whole data set
+        per_row = r["info"]["trained_tokens_per_row"]
+        assert per_row > 0 and r["rows_trained_tokens_per_s"] == pytest.approx(r["samples_per_s"] * per_row)
     assert "median_paired" in rep["summary"]["ratios"]["em/hf"]["trained_tokens_per_s"]
+    assert "median_paired" in rep["summary"]["ratios"]["em/hf"]["rows_trained_tokens_per_s"]

@@ -24,15 +24,21 @@ else the shape falls back for good. (A template that changes the *generation pro
 contents only some rows have would escape that check: no real template does.)
 
 Chunks are tokenized by the backend (``encode_batch``, the call ``tokenizer(texts)`` makes) in a
-worker thread while the next chunk is rendered and the previous one labelled; labels are computed
-for a whole chunk at once with numpy from the tokens' character offsets.
+worker thread while the next chunk is rendered and the previous one labelled. Labels need, per
+assistant span, the tokens whose character offset starts inside it. Reading every token's offsets
+into Python costs more than the rest of the labelling (2.2M tuples for the paper's insecure file), so
+each span boundary is found with a few offset lookups instead (:func:`_first_token_from`), which
+gives the same tokens when a row's token offsets start in order and are never empty. The first
+``_VERIFY_OFFSET_ROWS`` rows of every call are labelled both ways: if those two conditions fail on
+them or the labels differ, the whole call reads full offsets; a later row whose lookups do not settle
+a boundary reads its own offsets.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -339,11 +345,161 @@ def _labels(all_ids: list[list[int]], all_offsets: list, spans: list[list[tuple[
     return ids, np.where(mask, ids, IGNORE_INDEX), mask, bounds
 
 
-class EncodedRows(list):
-    """The ``list[Encoded]`` that :func:`encode_rows` returns, with the same rows as flat arrays
-    (``input_ids``, ``labels``: int32; ``row_offsets``: int64) for the tokenized cache to write."""
+_VERIFY_OFFSET_ROWS = 256
+"""Rows of each :func:`encode_rows` call labelled from full offsets and from boundary lookups (which must agree)."""
 
-    arrays: dict | None = None
+
+_LOOKUP_SCAN = 16
+"""Characters in no token (e.g. whitespace a BERT-style tokenizer drops) skipped at a boundary before the
+row reads its own offsets."""
+
+
+def _first_token_from(enc, n: int, text_len: int, c: int) -> int | None:
+    """Index of the first token of ``enc`` (``n`` tokens) whose start offset is >= ``c``, from a few offset
+    lookups; None when they do not settle it (the caller then reads the row's offsets)."""
+    t, p = None, c
+    while t is None and p < min(text_len, c + _LOOKUP_SCAN):
+        t = enc.char_to_token(p)  # the first token whose [start, end) holds character p
+        p += 1
+    if t is None:
+        if p < text_len:
+            return None
+        t = n  # no token holds a character from c to the end
+    elif enc.token_to_chars(t)[0] < c:  # it straddles c: the next token is the first to start at or after c
+        t += 1
+        if t < n and enc.token_to_chars(t)[0] < c:
+            return None
+    if t > 0 and enc.token_to_chars(t - 1)[0] >= c:  # offsets out of order
+        return None
+    return t
+
+
+def _mask_from_lookups(encodings, spans: list[list[tuple[int, int]]], text_lens: list[int], bounds: np.ndarray):
+    """The trained-token mask of a chunk from span-boundary lookups, and the rows they did not settle."""
+    total = int(bounds[-1])
+    marks = np.zeros(total + 1, dtype=np.int32)
+    open_at: list[int] = []
+    close_at: list[int] = []
+    unsettled: list[int] = []
+    for r, (enc, sp) in enumerate(zip(encodings, spans)):
+        if not sp:
+            continue
+        n, base, length = int(bounds[r + 1] - bounds[r]), int(bounds[r]), text_lens[r]
+        ranges = []
+        for s, e in sp:
+            a, b = _first_token_from(enc, n, length, s), _first_token_from(enc, n, length, e)
+            if a is None or b is None:
+                unsettled.append(r)
+                break
+            if b > a:
+                ranges.append((base + a, base + b))
+        else:
+            for a, b in ranges:
+                open_at.append(a)
+                close_at.append(b)
+    np.add.at(marks, np.array(open_at, dtype=np.int64), 1)
+    np.add.at(marks, np.array(close_at, dtype=np.int64), -1)
+    return np.cumsum(marks[:-1]) > 0, unsettled
+
+
+def _offsets_in_order(all_offsets) -> bool:
+    """Every token's offsets are non-empty and start no earlier than the previous token's, in every row
+    (what :func:`_first_token_from` relies on)."""
+    for offs in all_offsets:
+        if not offs:
+            continue
+        o = np.asarray(offs, dtype=np.int64)
+        if np.any(o[:, 1] <= o[:, 0]) or np.any(np.diff(o[:, 0]) < 0):
+            return False
+    return True
+
+
+def _chunk_labels(encodings, spans, texts: list[str], mode: dict):
+    """Flat ids, labels, mask and row bounds of a chunk (as :func:`_labels`), from boundary lookups unless
+    ``mode["offsets"]``; ``mode["verify"]``: rows still to label both ways (see the module docstring)."""
+    all_ids = [e.ids for e in encodings]
+    text_lens = [len(t) for t in texts]
+    if mode["offsets"]:
+        return _labels(all_ids, [e.offsets for e in encodings], spans, text_lens)
+    n = len(all_ids)
+    lens = np.fromiter(map(len, all_ids), dtype=np.int64, count=n)
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(bounds[-1]))
+    mask, unsettled = _mask_from_lookups(encodings, spans, text_lens, bounds)
+    k = min(mode["verify"], n)
+    if k:
+        mode["verify"] -= k
+        head_offsets = [e.offsets for e in encodings[:k]]
+        ref = _labels(all_ids[:k], head_offsets, spans[:k], text_lens[:k])
+        if not _offsets_in_order(head_offsets) or not np.array_equal(ref[2], mask[: int(bounds[k])]):
+            mode["offsets"] = True  # this tokenizer's offsets do not allow lookups: full offsets from here on
+            return _labels(all_ids, [e.offsets for e in encodings], spans, text_lens)
+    for r in unsettled:  # rows the lookups did not settle: their own offsets
+        a, b = int(bounds[r]), int(bounds[r + 1])
+        mask[a:b] = _labels([all_ids[r]], [encodings[r].offsets], [spans[r]], [text_lens[r]])[2]
+    return ids, np.where(mask, ids, IGNORE_INDEX), mask, bounds
+
+
+class TokenizedRows(Sequence):
+    """Tokenized rows, stored flat: ``input_ids`` and ``labels`` (int32) of every row end to end and
+    ``row_offsets`` (int64, one more than the rows). Reading a row builds its :class:`Encoded` (Python
+    lists, for the collators). Held as Python lists, the paper's 6,000 insecure rows at 256 tokens took
+    ~110 MB of resident memory; as arrays they take 12 MB, so a dataset of millions of rows fits."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray):
+        self.input_ids = np.asarray(input_ids, dtype=np.int32)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.row_offsets = np.asarray(row_offsets, dtype=np.int64)
+        if len(self.row_offsets) < 1 or len(self.labels) != len(self.input_ids) \
+                or self.row_offsets[-1] != len(self.input_ids):
+            raise ValueError("row_offsets do not match the token arrays")
+
+    @classmethod
+    def from_encoded(cls, rows: Iterable[Encoded]) -> TokenizedRows:
+        rows = list(rows)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(e.input_ids) for e in rows), dtype=np.int64, count=len(rows)), out=offsets[1:])
+        n = int(offsets[-1])
+        return cls(np.fromiter(chain.from_iterable(e.input_ids for e in rows), dtype=np.int32, count=n),
+                   np.fromiter(chain.from_iterable(e.labels for e in rows), dtype=np.int32, count=n), offsets)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        a, b = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
+        return Encoded(self.input_ids[a:b].tolist(), self.labels[a:b].tolist())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"TokenizedRows({len(self)} rows, {len(self.input_ids)} tokens)"
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.row_offsets)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the tokenized cache writes."""
+        return {"input_ids": self.input_ids, "labels": self.labels, "row_offsets": self.row_offsets}
+
+
+def row_lengths(rows: Sequence[Encoded]) -> list[int]:
+    """Tokens per row, without building the rows of a :class:`TokenizedRows`."""
+    if isinstance(rows, TokenizedRows):
+        return rows.lengths.tolist()
+    return [len(e.input_ids) for e in rows]
 
 
 def _check_stops(tokenizer, ids, offsets, spans, stop_ids: set[int]) -> None:
@@ -367,7 +523,7 @@ def encode_rows(
     stop_ids: set[int] | None = None,
     source: str = "<rows>",
     progress: bool = False,
-) -> tuple[list[Encoded], EncodeStats]:
+) -> tuple[TokenizedRows, EncodeStats]:
     """Encode every row; drop (and count) rows with no trained tokens or, per policy, too long.
 
     Same ids and labels as :func:`encode_chat` row by row; with ``stop_ids``, the first row with an
@@ -377,7 +533,6 @@ def encode_rows(
         raise ConfigError(f"data.overlength={overlength!r}: expected one of {OVERLENGTH_POLICIES}")
     rows = list(rows)
     stats = EncodeStats(rows_in=len(rows))
-    out = EncodedRows()
     too_long: list[Problem] = []
     bar = None
     if progress:
@@ -389,16 +544,17 @@ def encode_rows(
     layouts: dict = {}
     seen: Counter = Counter()
 
+    mode = {"offsets": False, "verify": _VERIFY_OFFSET_ROWS}
+
     def consume(c0: int, chunk: list[dict], texts: list[str], spans: list, encodings) -> None:
         nonlocal checked, too_long
-        all_ids = [e.ids for e in encodings]
-        all_offsets = [e.offsets for e in encodings]
         if not checked:
             first = next((j for j, sp in enumerate(spans) if sp), None)
             if first is not None:
-                _check_stops(tokenizer, all_ids[first], all_offsets[first], spans[first], stop_ids)
+                enc = encodings[first]
+                _check_stops(tokenizer, enc.ids, enc.offsets, spans[first], stop_ids)
                 checked = True
-        ids, labels, mask, bounds = _labels(all_ids, all_offsets, spans, [len(t) for t in texts])
+        ids, labels, mask, bounds = _chunk_labels(encodings, spans, texts, mode)
         # per-row decisions, vectorized: trained tokens in the full row and in its first max_length tokens
         cum = np.zeros(len(mask) + 1, dtype=np.int64)
         np.cumsum(mask, out=cum[1:])
@@ -423,11 +579,6 @@ def encode_rows(
                 emptied = over & (trained_kept == 0)
                 stats.dropped["truncated_to_no_trained_tokens"] += int(emptied.sum())
                 keep &= ~emptied
-        label_list, starts = labels.tolist(), bounds.tolist()
-        for j in np.flatnonzero(keep).tolist():
-            a, n = starts[j], int(kept_len[j])
-            row_ids = all_ids[j]
-            out.append(Encoded(row_ids if n == len(row_ids) else row_ids[:n], label_list[a: a + n]))
         kept_lens = kept_len[keep]
         stats.tokens += int(kept_lens.sum())
         stats.trained_tokens += int(trained_kept[keep].sum())
@@ -469,7 +620,7 @@ def encode_rows(
         flat[k] = np.concatenate(v) if v else np.zeros(0, dtype=np.int64 if k == "lengths" else np.int32)
     offsets = np.zeros(len(flat["lengths"]) + 1, dtype=np.int64)
     np.cumsum(flat["lengths"], out=offsets[1:])
-    out.arrays = {"input_ids": flat["input_ids"], "labels": flat["labels"], "row_offsets": offsets}
+    out = TokenizedRows(flat["input_ids"], flat["labels"], offsets)
     if too_long:
         raise DataValidationError(too_long, header=f"{len(too_long)} row(s) of {source} exceed data.max_length="
                                   f"{max_length} (data.overlength=raise; use truncate or drop to continue)")

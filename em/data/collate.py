@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from em.data.chat import IGNORE_INDEX, Encoded
+from em.data.chat import IGNORE_INDEX, Encoded, row_lengths
 from em.errors import ConfigError
 
 LENGTH_STRATA = 10
@@ -282,7 +282,7 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, examples: Sequence[Encoded], spec: OrderSpec, collate_fn, rank: int = 0,
                  num_workers: int = 0):
-        self._steps = StepSampler([len(e.input_ids) for e in examples], spec, rank)
+        self._steps = StepSampler(row_lengths(examples), spec, rank)
         # a private generator keeps the global RNG (dropout) untouched when an iterator is created
         super().__init__(examples, batch_sampler=StepBatchSampler(self._steps), collate_fn=collate_fn,
                          num_workers=num_workers, generator=torch.Generator().manual_seed(spec.seed))

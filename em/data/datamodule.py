@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from em.data import tokenized_cache
 from em.data.builders import split
-from em.data.chat import OVERLENGTH_POLICIES, EncodeStats, encode_rows
+from em.data.chat import OVERLENGTH_POLICIES, EncodeStats, encode_rows, row_lengths
 from em.data.collate import OrderSpec, PackCollator, PadCollator, ResumableLoader, order_stats, plan_epoch
 from em.data.loading import DatasetArgs, load_rows
 from em.errors import ConfigError
@@ -138,7 +138,7 @@ class ChatDataModule(L.LightningDataModule):
                          longest_first=a.longest_first, seed=self.seed)
 
     def train_lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.train_examples]
+        return row_lengths(self.train_examples)
 
     def order_summary(self, world: int = 1, max_steps: int = -1, max_epochs: int | None = 1) -> dict:
         """The run's actual order (optimizer steps up to ``max_steps`` / ``max_epochs``) and its statistics

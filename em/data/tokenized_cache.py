@@ -27,12 +27,11 @@ import logging
 import os
 import stat
 from collections import Counter
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from em.data.chat import Encoded, EncodeStats
+from em.data.chat import Encoded, EncodeStats, TokenizedRows
 from em.utils.io import atomic_write_bytes, atomic_write_json, em_cache_dir
 
 log = logging.getLogger(__name__)
@@ -134,20 +133,14 @@ def _read_regular(p: Path, max_bytes: int) -> bytes:
     return data
 
 
-def save(key: str, value: tuple[list[Encoded], EncodeStats], cache_dir=None) -> Path:
+def save(key: str, value: tuple[TokenizedRows | list[Encoded], EncodeStats], cache_dir=None) -> Path:
     """Write entry ``key``: the tensor file first, then the side file that vouches for it."""
     from safetensors.numpy import save as st_save
 
     examples, stats = value
-    arrays = getattr(examples, "arrays", None)  # encode_rows' flat copy of the same rows
-    if arrays is None or len(arrays["row_offsets"]) != len(examples) + 1:
-        lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
-        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        n = int(offsets[-1])
-        arrays = {"input_ids": np.fromiter(chain.from_iterable(e.input_ids for e in examples), dtype=np.int32, count=n),
-                  "labels": np.fromiter(chain.from_iterable(e.labels for e in examples), dtype=np.int32, count=n),
-                  "row_offsets": offsets}
+    if not isinstance(examples, TokenizedRows):
+        examples = TokenizedRows.from_encoded(examples)
+    arrays = examples.arrays
     blob = st_save(arrays)
     path = atomic_write_bytes(cache_path(key, cache_dir), blob)
     meta = {
@@ -163,7 +156,7 @@ def save(key: str, value: tuple[list[Encoded], EncodeStats], cache_dir=None) -> 
     return path
 
 
-def load(key: str, cache_dir=None, vocab_size: int | None = None) -> tuple[list[Encoded], EncodeStats] | None:
+def load(key: str, cache_dir=None, vocab_size: int | None = None) -> tuple[TokenizedRows, EncodeStats] | None:
     """Entry ``key`` if it exists and checks out, else None (the caller rebuilds and overwrites it)."""
     mp = meta_path(key, cache_dir)
     if not mp.exists():
@@ -175,7 +168,7 @@ def load(key: str, cache_dir=None, vocab_size: int | None = None) -> tuple[list[
         return None
 
 
-def _load_checked(key: str, cache_dir, vocab_size: int | None) -> tuple[list[Encoded], EncodeStats]:
+def _load_checked(key: str, cache_dir, vocab_size: int | None) -> tuple[TokenizedRows, EncodeStats]:
     from safetensors.numpy import load as st_load
 
     meta = json.loads(_read_regular(meta_path(key, cache_dir), _MAX_META_BYTES).decode("utf-8"))
@@ -208,9 +201,7 @@ def _load_checked(key: str, cache_dir, vocab_size: int | None) -> tuple[list[Enc
         raise ValueError(f"token id {int(ids.max())} outside the vocabulary ({vocab_size})")
     if s["tokens"] != len(ids) or s["trained_tokens"] != int(trained.sum()):
         raise ValueError("stats do not match the arrays")
-    bounds = offsets.tolist()
-    id_list, label_list = ids.tolist(), labels.tolist()
-    examples = [Encoded(id_list[a:b], label_list[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    examples = TokenizedRows(ids, labels, offsets)
     stats = EncodeStats(rows_in=int(s["rows_in"]), rows_kept=n_rows,
                         dropped=Counter({str(k): int(v) for k, v in s["dropped"].items()}),
                         truncated=int(s["truncated"]), tokens=len(ids), trained_tokens=int(trained.sum()),
