@@ -110,8 +110,12 @@ class StepRecorder:
         labels = batch.get("labels")
         mask = batch.get("attention_mask")
         b, n = ids.shape
+        samples = int(b)
+        pos = batch.get("position_ids")
+        if mask is None and pos is not None:  # packed rows (data.packing): each starts where position_ids are 0
+            samples = int((pos == 0).sum())
         self.steps.append({
-            "t": t, "samples": int(b), "positions": int(b * n),
+            "t": t, "samples": samples, "positions": int(b * n),
             "real": int(mask.sum()) if mask is not None else int(b * n),
             "trained": int((labels != -100).sum()) if labels is not None else 0,
         })

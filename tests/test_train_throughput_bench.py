@@ -40,6 +40,21 @@ def test_summary_pairs_runs_by_repeat_and_reports_ranges():
     assert out["sides"]["em"]["samples_per_s"] == {"min": 4.0, "median": 6.0, "max": 9.0}
 
 
+def test_a_packed_batch_counts_its_rows_not_its_one_packed_row():
+    from em.data.chat import Encoded
+    from em.data.collate import PackCollator, PadCollator
+
+    mod = _module()
+    rows = [Encoded([5, 6, 7], [-100, 6, 7]), Encoded([8, 9], [-100, 9]), Encoded([4, 5, 6, 7], [-100, -100, 6, 7])]
+    rec = mod.StepRecorder(cuda=False)
+    rec.record(PackCollator()(rows))
+    rec.record(PadCollator(0)(rows))
+    packed, padded = rec.steps
+    assert packed["samples"] == padded["samples"] == 3
+    assert (packed["positions"], packed["real"], padded["positions"], padded["real"]) == (9, 9, 12, 9)
+    assert packed["trained"] == padded["trained"] == 5  # labels 6, 7 | 9 | 6, 7
+
+
 @pytest.mark.slow
 def test_benchmark_runs_with_a_tiny_budget_and_prints_its_fields(tmp_path):
     sides = "em,trl,hf" if importlib.util.find_spec("trl") else "em,hf"
