@@ -355,8 +355,10 @@ def test_tokenized_rows_are_flat_arrays_read_as_encoded_rows():
         got[len(ref)]
     again = TokenizedRows.from_encoded(ref)
     assert all(np.array_equal(again.arrays[k], got.arrays[k]) for k in got.arrays)
-    batch = next(iter(DataLoader(got, batch_size=4, collate_fn=PadCollator(tok.pad_token_id))))
-    assert batch["input_ids"][0, : len(ref[0].input_ids)].tolist() == ref[0].input_ids
+    for workers in (0, 1):  # in the process, and sent to a worker process (data.num_workers)
+        batch = next(iter(DataLoader(got, batch_size=4, num_workers=workers,
+                                     collate_fn=PadCollator(tok.pad_token_id))))
+        assert batch["input_ids"][0, : len(ref[0].input_ids)].tolist() == ref[0].input_ids
     assert isinstance(got[0], Encoded) and isinstance(got[0].input_ids, list)
     with pytest.raises(ValueError, match="row_offsets"):
         TokenizedRows(got.input_ids, got.labels, got.row_offsets[:-1])
