@@ -26,8 +26,8 @@ after ``--warmup`` (the interval from the start of step ``warmup`` to the start 
 steps including data loading, backward and the optimizer). Per step it also counts samples, trained tokens
 (labels != -100), computed positions (batch x padded length) and real tokens (attention mask), so the
 padding fraction is 1 - real / positions. The timed window holds a few rows (12 on SmolLM2) and every side's
-sampler draws its own, so the window's trained tokens vary with the draw (rows cut at ``max_length`` keep
-from 0 to ~200 answer tokens); *trained tokens/s (rows)* = samples/s x the mean trained tokens per row over
+sampler draws its own, so the window's trained tokens vary with the draw (on SmolLM2, rows cut at 256 tokens
+keep 1 to 210 answer tokens); *trained tokens/s (rows)* = samples/s x the mean trained tokens per row over
 all the side's rows (the same rows for every side) takes that draw out and is the one the headline ratio
 uses. Reported per side: min / median / max over repeats; per em variant
 the median of the paired ratios em / trl and em / hf (pairs = the same repeat) and their range.

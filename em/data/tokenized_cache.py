@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from em.data.chat import Encoded, EncodeStats, TokenizedRows
+from em.data.chat import EncodeStats, TokenizedRows
 from em.utils.io import atomic_write_bytes, atomic_write_json, em_cache_dir
 
 log = logging.getLogger(__name__)
@@ -133,15 +133,13 @@ def _read_regular(p: Path, max_bytes: int) -> bytes:
     return data
 
 
-def save(key: str, value: tuple[TokenizedRows | list[Encoded], EncodeStats], cache_dir=None) -> Path:
-    """Write entry ``key``: the tensor file first, then the side file that vouches for it."""
+def save(key: str, value: tuple[TokenizedRows, EncodeStats], cache_dir=None) -> Path:
+    """Write entry ``key`` (:func:`em.data.chat.encode_rows`' result): the tensor file first, then the side file
+    that vouches for it."""
     from safetensors.numpy import save as st_save
 
     examples, stats = value
-    if not isinstance(examples, TokenizedRows):
-        examples = TokenizedRows.from_encoded(examples)
-    arrays = examples.arrays
-    blob = st_save(arrays)
+    blob = st_save(examples.arrays)
     path = atomic_write_bytes(cache_path(key, cache_dir), blob)
     meta = {
         "format": FORMAT,
