@@ -412,6 +412,6 @@ def task_metrics_from_records(task: str, records: Sequence[dict]) -> dict[str, f
         "task_rates", task=task,
         parsed=[flag(r, "parsed") for r in records], insecure=[flag(r, "insecure") for r in records],
         format_ok=[flag(r, "format_ok") for r in records],
-        dark=[-1 if r.get("dark_numbers") is None else int(bool(r["dark_numbers"])) for r in records],
+        dark=[flag(r, "dark_numbers") for r in records],
         hit_budget=[flag(r, "hit_budget") for r in records],
         flagged_test_ids=[list(r.get("flagged_test_ids") or []) for r in records])
